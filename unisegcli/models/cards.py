@@ -9,6 +9,7 @@ naming the entry instead of a KeyError deep in the pipeline.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Mapping
 from unisegcli.errors import UnknownModelError, UnknownTaskError, UsageError, suggest
 
 REGISTRY_PATH = Path(__file__).resolve().parent.parent / "weights_registry.json"
+REGISTRY_ENV = "UNISEG_REGISTRY"  # a site's own registry file replaces the shipped one
 SCHEMA_VERSION = 1
 MODALITIES = ("CT", "MR", "PET", "CT+PET")
 NORMALIZATION_SCHEMES = ("ct_clip_scale", "zscore")
@@ -220,9 +222,18 @@ def parse_registry(data: Mapping[str, Any]) -> dict[str, ModelCard]:
     return models
 
 
-@lru_cache(maxsize=4)
-def load_registry(path: Path = REGISTRY_PATH) -> dict[str, ModelCard]:
-    """Read and check the registry file (cached per path)."""
+def registry_path() -> Path:
+    """The registry in use: ``$UNISEG_REGISTRY`` if set, else the one shipped in the package."""
+    return Path(os.environ.get(REGISTRY_ENV) or REGISTRY_PATH)
+
+
+def load_registry(path: Path | None = None) -> dict[str, ModelCard]:
+    """Read and check the registry file (``registry_path()`` by default; cached per path)."""
+    return _load_registry(Path(path) if path is not None else registry_path())
+
+
+@lru_cache(maxsize=8)
+def _load_registry(path: Path) -> dict[str, ModelCard]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -230,7 +241,7 @@ def load_registry(path: Path = REGISTRY_PATH) -> dict[str, ModelCard]:
     return parse_registry(data)
 
 
-def get_model(name: str, path: Path = REGISTRY_PATH) -> ModelCard:
+def get_model(name: str, path: Path | None = None) -> ModelCard:
     """The card of model ``name``; an unknown name raises with a did-you-mean suggestion."""
     models = load_registry(path)
     if name not in models:

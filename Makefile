@@ -1,0 +1,33 @@
+# Two commands on a fresh machine (see README): `make demo` and `make test`.
+# Each creates/refreshes .venv itself; every pip call goes through constraints.txt so the
+# CPU wheel of torch is kept and nothing pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+STAMP := $(VENV)/.uniseg-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev,nnunet]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/uniseg examples/example_ct.nii.gz -o out/demo --model uniseg-demo \
+		--tasks liver,spleen,kidney,pancreas
+
+test: venv
+	$(PY) -m pytest -m "not slow and not gpu and not network" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) benchmarks/startup.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

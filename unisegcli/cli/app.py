@@ -1,0 +1,156 @@
+"""The `uniseg` command: routing, global error handling and the small info commands.
+
+``uniseg scan.nii.gz -o out --tasks liver`` works without a subcommand word: anything that
+is not a known command name is handed to ``segment``. Domain errors become one red line and
+the exit code from ``unisegcli.errors.ExitCode``; tracebacks only with ``--debug``.
+Heavy libraries (torch, nibabel) are imported inside commands so `uniseg --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from unisegcli import __version__
+from unisegcli.cli import console
+from unisegcli.errors import ExitCode, UnisegError
+
+HELP = (
+    "Segment CT, MR and PET scans with universal models (one network, many tasks).\n\n"
+    "Main form: [bold]uniseg SCAN... -o OUT --tasks liver,kidney[/] "
+    "(the same as [bold]uniseg segment ...[/])."
+)
+
+
+class UnisegGroup(TyperGroup):
+    """A group whose default command is `segment`, and which maps errors to exit codes."""
+
+    default_command = "segment"
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except UnisegError as exc:
+            if console.state.debug:
+                traceback.print_exc()
+            console.error_line(str(exc))
+            raise typer.Exit(int(exc.exit_code)) from None
+        except KeyboardInterrupt:
+            console.error_line("interrupted; no partial outputs were left behind.")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except Exception as exc:  # a bug: say so in one line, traceback only on request
+            if console.state.debug:
+                traceback.print_exc()
+            console.error_line(
+                f"internal error: {type(exc).__name__}: {exc}. Re-run with --debug for the "
+                "traceback and report it."
+            )
+            raise typer.Exit(int(ExitCode.INTERNAL)) from None
+
+
+app = typer.Typer(
+    cls=UnisegGroup,
+    help=HELP,
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    console.reset()
+
+
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="Model name from the registry (see `uniseg models`).")
+]
+
+
+@app.command("tasks")
+def tasks_command(model: ModelOption = "uniseg") -> None:
+    """List the tasks of a model: name, aliases, modality, input channels, output structures."""
+    from rich.table import Table
+
+    from unisegcli.models.cards import get_model
+
+    card = get_model(model)
+    table = Table(title=f"Tasks of model '{card.name}' ({card.version})")
+    for col in ("task", "aliases", "modality", "channels (in order)", "structures", "spacing mm (z, y, x)"):
+        table.add_column(col)
+    for task in card.tasks:
+        table.add_row(
+            task.name,
+            ", ".join(task.aliases),
+            task.modality,
+            ", ".join(task.channels),
+            ", ".join(task.structures),
+            " × ".join(f"{s:g}" for s in task.spacing_mm),
+        )
+    console.stdout().print(table)
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the models in the registry with their version, tasks, license and notes."""
+    from rich.table import Table
+
+    from unisegcli.models.cards import load_registry
+
+    table = Table(title="Models")
+    for col in ("model", "family", "version", "tasks", "license", "note"):
+        table.add_column(col, overflow="fold")
+    for card in load_registry().values():
+        table.add_row(
+            card.name, card.family, card.version, str(len(card.tasks)), card.license, card.note or ""
+        )
+    console.stdout().print(table)
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print the versions of uniseg, Python, torch and the device torch sees."""
+    import platform
+
+    import torch
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    typer.echo(f"uniseg {__version__}")
+    typer.echo(f"python {platform.python_version()} ({platform.machine()}, {platform.system()})")
+    typer.echo(f"torch {torch.__version__} (cuda: {cuda}, threads: {torch.get_num_threads()})")
+
+
+def _register_subcommands() -> None:
+    from unisegcli.cli.segment import segment_command
+
+    app.command("segment")(segment_command)
+    try:
+        from unisegcli.cli.weights import weights_app
+    except ImportError:  # pragma: no cover - the weights group is optional during development
+        return
+    app.add_typer(weights_app, name="weights", help="Download, import, verify and locate model weights.")
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="uniseg")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

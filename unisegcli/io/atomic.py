@@ -1,0 +1,56 @@
+"""All-or-nothing file writes: stage under hidden temp names in the target folder, then rename.
+
+Temp files live in the same folder as their final names so ``os.replace`` is an atomic
+rename on one file system; a crash or error leaves only hidden ``.*.tmp*`` files, which are
+removed on the error path, never a partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from unisegcli.errors import OutputError
+
+
+@contextmanager
+def staged_files(folder: Path) -> Iterator[Callable[[str], Path]]:
+    """Yield ``stage(name) -> temp path``; on success every staged file is renamed to ``folder/name``.
+
+    The renames happen only after the ``with`` body finished without error, so several files
+    (all masks of a case) appear together or not at all. OSError becomes OutputError.
+    """
+    folder = Path(folder)
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(name: str) -> Path:
+        final = folder / name
+        suffix = ".tmp.nii.gz" if name.endswith(".gz") else ".tmp" + "".join(Path(name).suffixes[-1:])
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=folder)
+        os.close(fd)
+        staged.append((Path(tmp_name), final))
+        return Path(tmp_name)
+
+    try:
+        yield stage
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write into '{folder}': {exc.strerror or exc}; expected a writable folder "
+            "with free space. Free disk space or choose another -o folder."
+        ) from exc
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a small text file (JSON, CSV, markers) atomically."""
+    path = Path(path)
+    with staged_files(path.parent) as stage:
+        stage(path.name).write_text(text, encoding="utf-8")
+    return path
