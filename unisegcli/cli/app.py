@@ -136,11 +136,9 @@ def version_command() -> None:
 def _register_subcommands() -> None:
     from unisegcli.cli.segment import segment_command
 
+    from unisegcli.cli.weights import weights_app
+
     app.command("segment")(segment_command)
-    try:
-        from unisegcli.cli.weights import weights_app
-    except ImportError:  # pragma: no cover - the weights group is optional during development
-        return
     app.add_typer(weights_app, name="weights", help="Download, import, verify and locate model weights.")
 
 
