@@ -67,3 +67,12 @@ def test_registry_env_override(tmp_path, monkeypatch) -> None:
     path.write_text(json.dumps(custom))
     monkeypatch.setenv("UNISEG_REGISTRY", str(path))
     assert list(load_registry()) == ["site-model"]
+
+
+def test_registry_network_is_the_released_config() -> None:
+    """The card's network entry builds exactly the released 11-task network."""
+    from unisegcli.models.uniseg import UniSegConfig
+
+    card = get_model("uniseg")
+    assert UniSegConfig.from_dict(card.network) == UniSegConfig.default()
+    assert UniSegConfig.default().num_tasks == len(card.tasks)

@@ -231,3 +231,18 @@ def remove(
         console.print(f"removed {len(removed)} file(s) from {directory}")
     else:
         console.print(f"nothing to remove: model '{card.name}' is not in {directory}")
+
+
+@weights_app.command("convert")
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="nnU-Net v1 checkpoint (model_final_checkpoint.model).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for model.safetensors and config.json.")],
+    plans: Annotated[Optional[Path], typer.Option(
+        "--plans", help="plans.pkl of the checkpoint (default: <checkpoint>.pkl beside it).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a UniSeg v1 checkpoint to safetensors + JSON config (no pickle needed to load it)."""
+    from unisegcli.models.checkpoint import convert_checkpoint
+
+    weights = convert_checkpoint(checkpoint, plans, out_dir)
+    _stderr(quiet).print(f"wrote {weights} and {weights.with_name('config.json')}")

@@ -30,6 +30,7 @@ from typing import IO, Iterator
 
 from unisegcli.errors import ArchiveError, ChecksumError, OfflineError, WeightsError
 from unisegcli.models.cards import FileCard, ModelCard
+from unisegcli.models.safe_pickle import looks_like_html
 
 MANIFEST_NAME = "manifest.json"
 CHUNK_BYTES = 1 << 20
@@ -75,11 +76,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def looks_like_html(head: bytes) -> bool:
-    """True if the first bytes of a file are markup (a web page saved in place of weights)."""
-    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
 
 
 # --- manifest ---------------------------------------------------------------------------------
