@@ -47,9 +47,27 @@ def cache_root() -> Path:
     return Path(platformdirs.user_data_dir("uniseg", appauthor=False))
 
 
+PACKAGED_MODELS = Path(__file__).resolve().parent.parent / "data" / "models"
+
+
 def model_dir(card: ModelCard) -> Path:
-    """Folder of a model's files: ``<root>/models/<name>/<version>``."""
-    return cache_root() / "models" / card.name / card.version
+    """Folder of a model's files: ``<root>/models/<name>/<version>``.
+
+    A model shipped inside the package (``"packaged": true`` in the registry, e.g. the demo
+    model) lives in ``unisegcli/data/models/<name>/<version>`` instead: found and verified
+    like a cached one, never downloaded, imported or removed.
+    """
+    root = PACKAGED_MODELS if card.packaged else cache_root() / "models"
+    return root / card.name / card.version
+
+
+def refuse_packaged(card: ModelCard, action: str) -> None:
+    """Packaged models are part of the installation: they cannot be changed from the CLI."""
+    if card.packaged:
+        raise WeightsError(
+            f"model '{card.name}' ships inside the uniseg package ({model_dir(card)}); there is "
+            f"nothing to {action}. Reinstall uniseg if its files are damaged."
+        )
 
 
 def manifest_path(card: ModelCard) -> Path:
@@ -148,6 +166,11 @@ def missing_message(card: ModelCard, files: list[FileCard], *, offline: bool) ->
     """Name each missing file, where it was expected and how to get it."""
     directory = model_dir(card)
     names = ", ".join(f"'{f.name}' ({f.role})" for f in files)
+    if card.packaged:
+        return (
+            f"model '{card.name}' {card.version}: missing {names}; expected inside the uniseg "
+            f"package at {directory}. The installation is incomplete: reinstall uniseg."
+        )
     why = "offline mode forbids downloading it" if offline else "it is not in the cache"
     msg = f"model '{card.name}' {card.version}: missing {names}; expected in {directory}, but {why}. "
     if offline:
@@ -355,6 +378,7 @@ def import_model(card: ModelCard, source: Path) -> dict[str, Path]:
     the cache only when all of them passed. Files of the model not in ``source`` are left as
     they are (see `missing_files`).
     """
+    refuse_packaged(card, "import")
     source = Path(source).expanduser()
     if not source.exists():
         raise WeightsError(f"cannot import {source}: no such file or folder.")
@@ -400,6 +424,7 @@ def remove_model(card: ModelCard) -> list[Path]:
 
     Other files a user put into the folder are left; the folder goes when it is empty.
     """
+    refuse_packaged(card, "remove")
     directory = model_dir(card)
     if not directory.exists():
         return []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -84,7 +84,7 @@ class ModelCard:
     note: str | None = None
     network: Mapping[str, Any] | None = None
     source: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    packaged: bool = False  # files ship inside the package (unisegcli/data/models/...)
 
     def file(self, role: str) -> FileCard | None:
         """The first file with this role ("checkpoint", "plans", ...), or None."""
@@ -218,6 +218,7 @@ def parse_registry(data: Mapping[str, Any]) -> dict[str, ModelCard]:
             note=entry.get("note"),
             network=entry.get("network"),
             source=entry.get("source"),
+            packaged=bool(entry.get("packaged", False)),
         )
     return models
 

@@ -352,8 +352,8 @@ def ensure_model(
     offline = offline or offline_from_env()
     if not cache.missing_files(card):
         return cache.find_model_files(card, offline=offline)
-    if offline:
-        return cache.find_model_files(card, offline=True)  # raises OfflineError
+    if offline or card.packaged:  # nothing to download: raise naming the missing files
+        return cache.find_model_files(card, offline=offline)
 
     import requests
 
