@@ -55,3 +55,85 @@ def ct_path(tmp_path: Path) -> Path:
     rng = np.random.default_rng(1)
     data = rng.normal(0, 100, size=(20, 18, 8)).astype(np.float32)
     return save_nifti(tmp_path / "scan.nii.gz", data, make_affine("oblique"))
+
+
+class ThresholdNet:
+    """A stand-in network with a known answer: class 1 wherever the normalised CT is > 0.5.
+
+    It has UniSeg's inference interface (patch_size, encode/decode, forward(x, task)) and
+    counts calls, so pipeline tests can check geometry and "no model work" exactly.
+    """
+
+    patch_size = (16, 32, 32)
+
+    def __init__(self) -> None:
+        self.encode_calls = 0
+        self.decode_calls = 0
+
+    def to(self, device):  # noqa: D102 - torch.nn.Module-like no-ops
+        return self
+
+    def eval(self):
+        return self
+
+    def encode(self, x):
+        self.encode_calls += 1
+        return x
+
+    def decode(self, features, task_index):
+        import torch
+
+        self.decode_calls += 1
+        score = (features[:, :1] - 0.5) * 20.0
+        return torch.cat([-score, score, -score - 10.0, -score - 10.0], dim=1)
+
+    def __call__(self, x, task_index):
+        return self.decode(self.encode(x), task_index)
+
+
+@pytest.fixture
+def threshold_net(monkeypatch) -> ThresholdNet:
+    """Make every run use a ThresholdNet instead of loading weights."""
+    import unisegcli.api
+
+    net = ThresholdNet()
+    monkeypatch.setattr(unisegcli.api, "load_network", lambda card, offline=False: net)
+    return net
+
+
+def phantom_ct(shape=(40, 36, 12), box=(slice(10, 25), slice(8, 20), slice(3, 8))) -> np.ndarray:
+    """[i, j, k] CT-like volume: -500 HU background, a 300 HU box ("organ") where ``box`` says."""
+    data = np.full(shape, -500.0, dtype=np.float32)
+    data[box] = 300.0
+    return data
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch) -> str:
+    """A registry model 'tiny' made of the tiny UniSeg parity fixture (random weights), cached."""
+    import copy
+    import hashlib
+    import json
+
+    from unisegcli.models import cache
+    from unisegcli.models.cards import REGISTRY_PATH, get_model
+
+    shipped = json.loads(REGISTRY_PATH.read_text())
+    folder = DATA / "uniseg_tiny"
+
+    def file(name: str, role: str) -> dict:
+        blob = (folder / name).read_bytes()
+        return {"name": name, "role": role, "urls": [], "sha256": hashlib.sha256(blob).hexdigest(),
+                "size_bytes": len(blob)}
+
+    model = copy.deepcopy(shipped["models"]["uniseg"])
+    model.update(version="test", network=None,
+                 files=[file("model_final_checkpoint.model", "checkpoint"), file("plans.pkl", "plans")])
+    registry = {"schema_version": 1, "task_sets": {"uniseg11": shipped["task_sets"]["uniseg11"]},
+                "models": {"tiny": model}}
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps(registry))
+    monkeypatch.setenv("UNISEG_REGISTRY", str(path))
+    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
+    cache.import_model(get_model("tiny"), folder)
+    return "tiny"

@@ -139,3 +139,16 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path, ct_path: Path, monk
     with pytest.raises(OutputError, match="No space left"):
         write_labels(np.zeros(scan.data.shape[1:], np.uint8), scan, out / "m.nii.gz")
     assert list(out.iterdir()) == []
+
+
+def test_written_files_get_normal_permissions(tmp_path: Path, ct_path: Path) -> None:
+    """Staged temp files are 0600; the final files must honour the umask like open() does."""
+    import os
+
+    scan = read_scan(ct_path)
+    old = os.umask(0o022)
+    try:
+        out = write_labels(np.zeros(scan.data.shape[1:], np.uint8), scan, tmp_path / "m.nii.gz")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644

@@ -62,7 +62,7 @@ def test_task_resolution() -> None:
 
 def test_registry_env_override(tmp_path, monkeypatch) -> None:
     custom = copy.deepcopy(RAW)
-    custom["models"]["site-model"] = custom["models"].pop("uniseg")
+    custom["models"] = {"site-model": custom["models"]["uniseg"]}
     path = tmp_path / "registry.json"
     path.write_text(json.dumps(custom))
     monkeypatch.setenv("UNISEG_REGISTRY", str(path))

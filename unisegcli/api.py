@@ -4,25 +4,33 @@
     result = segment(["scan.nii.gz"], "liver,kidney", output="out/")
     result.cases[0].volumes_ml["liver"]
 
-Order of work: everything cheap that can be wrong (model, tasks, inputs, output folder) is
-checked before the weights are loaded; then the network is loaded once and every case runs
-through read -> preprocess -> sliding window (all tasks of a case in one pass) -> restore ->
-write. Masks of a case are written all-or-nothing.
+Order of work: everything cheap that can be wrong (model, tasks, options, inputs, output
+folder, device) is checked before the weights are loaded. The network is loaded once per
+process; cases then run read -> preprocess -> sliding window (all tasks of a case in one
+pass, one encoder per channel group) -> restore -> write, while the next case is read on a
+background thread. One case writes into ``OUT/``; several into ``OUT/<case_id>/``. In a
+batch, a failing case is logged to ``OUT/failures.jsonl`` and the others go on; a single
+case raises its error.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
 import numpy as np
 
-from unisegcli.errors import ChannelError, UsageError
+from unisegcli.errors import ExitCode, UnisegError, UsageError
+from unisegcli.io.cases import LoadedCase, channel_groups, read_case, task_channels
 from unisegcli.io.discovery import CaseInput, discover
-from unisegcli.io.nifti import Scan, check_header, check_output_dir, read_scan
+from unisegcli.io.nifti import check_output_dir
+from unisegcli.io.sharding import parse_shard, select_shard
 from unisegcli.models.cards import ModelCard, TaskCard, get_model
+from unisegcli.outputs import markers
+from unisegcli.outputs.writer import OutputOptions
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +38,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class CaseResult:
-    """What one case produced: mask files and volumes per structure, and timings."""
+    """What one case produced: output files, volumes per structure, and timings."""
 
     case_id: str
     input_path: Path
@@ -38,16 +46,41 @@ class CaseResult:
     masks: dict[str, Path]
     volumes_ml: dict[str, float]
     seconds: float
+    files: list[Path] = field(default_factory=list)  # every file written for the case
+
+
+@dataclass
+class CaseFailure:
+    """A case that failed in a batch: what went wrong, in one line."""
+
+    case_id: str
+    input_path: Path
+    error: str
+    message: str
+    exit_code: int
 
 
 @dataclass
 class Result:
-    """The outcome of a run: the model and tasks used, and each case's result."""
+    """The outcome of a run: each case done, skipped (already done) or failed."""
 
     model: ModelCard
     tasks: tuple[TaskCard, ...]
     device: str
+    output: Path
     cases: list[CaseResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[CaseFailure] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """OK; INTERRUPTED; ALL_FAILED when nothing succeeded; PARTIAL when some cases failed."""
+        if self.interrupted:
+            return ExitCode.INTERRUPTED
+        if not self.failures:
+            return ExitCode.OK
+        return ExitCode.PARTIAL if (self.cases or self.skipped) else ExitCode.ALL_FAILED
 
 
 class Events:
@@ -57,16 +90,33 @@ class Events:
         """Before the first case."""
 
     def case_started(self, case: CaseInput, number: int, total: int) -> None:
-        """Before a case is read."""
+        """Before a case is predicted."""
 
     def windows(self, done: int, total: int) -> None:
         """Sliding-window progress inside the current case."""
 
     def case_done(self, result: CaseResult) -> None:
-        """After a case's masks were written."""
+        """After all outputs of a case were written."""
+
+    def case_skipped(self, case: CaseInput, folder: Path) -> None:
+        """A case already done by an earlier run (resume)."""
+
+    def case_failed(self, failure: CaseFailure) -> None:
+        """A case failed; the batch goes on."""
 
     def run_finished(self, result: Result) -> None:
-        """After the last case."""
+        """After the last case (also after an interrupt)."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How to run the network (the CLI's engine options)."""
+
+    device: str = "auto"
+    batch_size: int | None = None
+    step: float = 0.5
+    tta: bool = False
+    precision: str = "auto"
 
 
 def segment(
@@ -82,60 +132,146 @@ def segment(
     precision: str = "auto",
     threads: int | None = None,
     offline: bool = False,
+    outputs: OutputOptions | None = None,
+    input_list: str | Path | None = None,
+    channels: Sequence[str] = (),
+    series_uid: str | None = None,
+    shard: str | None = None,
+    overwrite: bool = False,
     events: Events | None = None,
+    stdin: TextIO | None = None,
 ) -> Result:
-    """Segment scans with a registry model and write one mask per structure.
+    """Segment scans with a registry model; write masks, statistics and other outputs.
 
-    inputs: NIfTI files or folders of them. tasks: "liver,kidney" or a list of names/aliases.
-    A single input writes into ``output`` directly; several inputs into ``output/<case_id>/``.
-    Raises the domain errors of ``unisegcli.errors``.
+    inputs: NIfTI files, folders, globs or DICOM series. tasks: "liver,kidney" or a list of
+    names/aliases. Raises the domain errors of ``unisegcli.errors`` for problems of the run
+    itself, and for the failure of a single-case run; in a batch, failed cases are recorded
+    in ``Result.failures`` and ``OUT/failures.jsonl``.
     """
     events = events or Events()
+    outputs = outputs or OutputOptions()
+    outputs.check()
+    settings = RunSettings(device, batch_size, step, tta, precision)
+    if not 0 < step <= 1:
+        raise UsageError(f"--step is {step}; expected a fraction of the patch in (0, 1], e.g. 0.5.")
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     card = get_model(model)
     task_cards = card.resolve_tasks(list(tasks) if not isinstance(tasks, str) else tasks)
-    cases = discover(Path(p) for p in inputs)
-    # Fail on bad inputs before the (slow) weights load: headers of all cases, and the whole
-    # first scan, which is kept for its run.
-    for case in cases[1:]:
-        check_header(case.path)
-    first_scan = read_scan(cases[0].path)
-    check_channels(first_scan, task_cards)
+    shard_spec = parse_shard(shard)
+    all_cases = discover(
+        list(inputs), input_list=input_list, channels=channels,
+        channels_needed=max(len(t.channels) for t in task_cards), stdin=stdin,
+    )
+    cases = select_shard(all_cases, shard_spec)
+    single = len(all_cases) == 1
     out_root = check_output_dir(Path(output))
     torch_device = resolve_device(device)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    net = load_network(card, offline=offline)
-    result = Result(model=card, tasks=task_cards, device=str(torch_device))
+
+    # A single case is read (and its channels checked) before the slow weights load, so a
+    # bad scan fails fast with its own exit code.
+    first: LoadedCase | None = None
+    if single:
+        first = read_case(cases[0], series_uid)
+        for task in task_cards:
+            task_channels(first, task)
+
+    result = Result(model=card, tasks=task_cards, device=str(torch_device), output=out_root)
+    options_record = {"outputs": asdict(outputs), "step": step, "tta": tta}
+    todo: list[tuple[CaseInput, Path, dict[str, Any]]] = []
+    for case in cases:
+        folder = out_root if single else out_root / case.case_id
+        record = markers.marker_record(card.name, card.version, [t.name for t in task_cards],
+                                       options_record, case.paths)
+        if not overwrite and markers.is_done(folder, record):
+            result.skipped.append(case.case_id)
+            events.case_skipped(case, folder)
+            continue
+        todo.append((case, folder, record))
+
     events.run_started(card, task_cards, cases, str(torch_device))
-    for number, case in enumerate(cases, start=1):
-        events.case_started(case, number, len(cases))
-        folder = out_root if len(cases) == 1 else out_root / case.case_id
-        case_result = run_case(
-            case,
-            first_scan if number == 1 else read_scan(case.path),
-            task_cards,
-            net,
-            folder,
-            device=torch_device,
-            batch_size=batch_size,
-            step=step,
-            tta=tta,
-            precision=precision,
-            progress=events.windows,
-        )
-        result.cases.append(case_result)
-        events.case_done(case_result)
+    if not todo:  # everything done before: no model work at all
+        events.run_finished(result)
+        return result
+    net = load_network(card, offline=offline)
+    try:
+        _run_cases(todo, first, task_cards, net, settings, outputs, series_uid,
+                   out_root, single, result, events, torch_device)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        events.run_finished(result)
+        raise
     events.run_finished(result)
     return result
 
 
+def _run_cases(
+    todo: list[tuple[CaseInput, Path, dict[str, Any]]],
+    first: LoadedCase | None,
+    tasks: Sequence[TaskCard],
+    net: Any,
+    settings: RunSettings,
+    outputs: OutputOptions,
+    series_uid: str | None,
+    out_root: Path,
+    single: bool,
+    result: Result,
+    events: Events,
+    device: "torch.device",
+) -> None:
+    """Run each case; the next case is read on a background thread meanwhile."""
+
+    def load(case: CaseInput) -> LoadedCase:
+        return first if first is not None and first.case == case else read_case(case, series_uid)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="uniseg-read") as pool:
+        pending: Future[LoadedCase] = pool.submit(load, todo[0][0])
+        for number, (case, folder, record) in enumerate(todo, start=1):
+            current = pending
+            if number < len(todo):
+                pending = pool.submit(load, todo[number][0])
+            events.case_started(case, number, len(todo))
+            started = time.perf_counter()
+            try:
+                loaded = current.result()
+                markers.clear_marker(folder)
+                case_result = run_case(loaded, tasks, net, folder, settings=settings, outputs=outputs,
+                                       device=device, progress=events.windows,
+                                       cohort_folder=None if single else out_root)
+                markers.write_marker(folder, record)
+            except UnisegError as exc:
+                if single:
+                    raise
+                _record_failure(result, events, out_root, case, type(exc).__name__, str(exc), int(exc.exit_code))
+                continue
+            except MemoryError:
+                if single:
+                    raise
+                _record_failure(result, events, out_root, case, "MemoryError",
+                                "out of memory; lower --batch-size or use a machine with more memory",
+                                int(ExitCode.RUNTIME))
+                continue
+            case_result.seconds = time.perf_counter() - started
+            result.cases.append(case_result)
+            events.case_done(case_result)
+
+
+def _record_failure(result: Result, events: Events, out_root: Path, case: CaseInput,
+                    error: str, message: str, code: int) -> None:
+    failure = CaseFailure(case.case_id, case.path, error, message, code)
+    result.failures.append(failure)
+    markers.log_failure(out_root, {"case_id": case.case_id, "input": str(case.path),
+                                   "error": error, "message": message, "exit_code": code})
+    events.case_failed(failure)
+
+
 def resolve_device(spec: str) -> "torch.device":
-    """Turn --device into a torch device; the device module raises DeviceError when absent."""
-    from unisegcli.inference.device import resolve_device as _resolve
+    """Turn --device into a torch device; raises DeviceError when it is not available."""
+    from unisegcli.inference.engine import resolve_device as _resolve
 
     return _resolve(spec)
 
@@ -155,62 +291,85 @@ def load_network(card: ModelCard, *, offline: bool = False) -> Any:
     )
 
 
-def check_channels(scan: Scan, tasks: Sequence[TaskCard]) -> None:
-    """Every task must get exactly the channels its card lists."""
-    for task in tasks:
-        if scan.data.shape[0] != len(task.channels):
-            raise ChannelError(
-                f"'{scan.path}' has {scan.data.shape[0]} channel(s); task '{task.name}' expects "
-                f"{len(task.channels)}: {', '.join(task.channels)} (in this order). Pass a 4D image "
-                "with these channels, or one file per channel."
-            )
+def predict_label_maps(
+    loaded: LoadedCase,
+    tasks: Sequence[TaskCard],
+    net: Any,
+    *,
+    settings: RunSettings,
+    device: "torch.device",
+    progress: Any = None,
+) -> dict[str, np.ndarray]:
+    """{task name: uint8 [Z, Y, X] label map} for one case, one predictor pass per channel group."""
+    from unisegcli.inference.predictor import predict_case
+
+    groups = channel_groups(tasks)
+    label_maps: dict[str, np.ndarray] = {}
+    for number, group in enumerate(groups):
+
+        def report(done: int, total: int, _n: int = number) -> None:
+            if progress is not None:  # groups count as equal shares of the case's bar
+                progress(_n * total + done, total * len(groups))
+
+        label_maps.update(predict_case(
+            task_channels(loaded, group[0]),
+            loaded.scan.spacing_mm,
+            group,
+            net,
+            device=device,
+            batch_size=settings.batch_size,
+            step=settings.step,
+            tta=settings.tta,
+            precision=settings.precision,
+            progress=report,
+        ))
+    return label_maps
 
 
 def run_case(
-    case: CaseInput,
-    scan: Scan,
+    loaded: LoadedCase,
     tasks: Sequence[TaskCard],
     net: Any,
     folder: Path,
     *,
+    settings: RunSettings,
+    outputs: OutputOptions,
     device: "torch.device",
-    batch_size: int | None,
-    step: float,
-    tta: bool,
-    precision: str,
     progress: Any = None,
+    cohort_folder: Path | None = None,
 ) -> CaseResult:
-    """Predict all tasks of one scan in one pass and write its structure masks."""
-    from unisegcli.inference.predictor import predict_case
-    from unisegcli.outputs.masks import write_case_masks
+    """Predict all tasks of one case in one pass and write its outputs (all-or-nothing)."""
+    from unisegcli.outputs.writer import write_case_outputs
 
     started = time.perf_counter()
-    check_channels(scan, tasks)
-    label_maps = predict_case(
-        scan.data,
-        scan.spacing_mm,
-        list(tasks),
-        net,
-        device=device,
-        batch_size=batch_size,
-        step=step,
-        tta=tta,
-        precision=precision,
-        progress=progress,
-    )
+    label_maps = predict_label_maps(loaded, tasks, net, settings=settings, device=device, progress=progress)
     masks: dict[str, np.ndarray] = {}
+    task_of: dict[str, str] = {}
     for task in tasks:
-        labels = label_maps[task.name]
         for index, structure in task.labels.items():
-            masks[structure] = labels == index
-    paths = write_case_masks(masks, scan, folder)
-    voxel_ml = abs(float(np.linalg.det(scan.image.affine[:3, :3]))) / 1000.0
-    volumes = {name: float(np.count_nonzero(mask)) * voxel_ml for name, mask in masks.items()}
-    return CaseResult(
-        case_id=case.case_id,
-        input_path=case.path,
-        output_dir=folder,
-        masks=paths,
-        volumes_ml=volumes,
-        seconds=time.perf_counter() - started,
+            masks[structure] = label_maps[task.name] == index
+            task_of[structure] = task.name
+    written = write_case_outputs(
+        loaded.scan, masks, folder, outputs,
+        task_of=task_of,
+        dicom_source=loaded.dicom,
+        case_id=loaded.case.case_id,
+        channel_names=loaded.channel_names or _channel_names(loaded, tasks),
+        modality=tasks[0].modality.split("+")[0],
+        cohort_folder=cohort_folder,
     )
+    return CaseResult(
+        case_id=loaded.case.case_id,
+        input_path=loaded.case.path,
+        output_dir=folder,
+        masks=dict(written.masks),
+        volumes_ml=dict(written.volumes_ml),
+        seconds=time.perf_counter() - started,
+        files=list(written.files),
+    )
+
+
+def _channel_names(loaded: LoadedCase, tasks: Sequence[TaskCard]) -> tuple[str, ...] | None:
+    """Unnamed channels take the names of the task whose channel count matches the scan."""
+    count = loaded.scan.data.shape[0]
+    return next((tuple(t.channels) for t in tasks if len(t.channels) == count), None)

@@ -1,5 +1,6 @@
 """Run reporting for `uniseg segment`: progress bars and a summary table on stderr, or
-JSON-lines events on stdout with --json. Silent under --quiet.
+JSON-lines events on stdout with --json (schema in README.md, "JSON events"). Silent under
+--quiet except for errors.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from unisegcli.api import CaseResult, Events, Result
+from unisegcli.api import CaseFailure, CaseResult, Events, Result
 from unisegcli.cli import console
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from unisegcli.io.discovery import CaseInput
     from unisegcli.models.cards import ModelCard, TaskCard
 
@@ -43,15 +46,20 @@ class RunReporter(Events):
         self._progress: Any = None
         self._cases_task: Any = None
         self._windows_task: Any = None
+        self._started = time.perf_counter()
 
     def run_started(self, model: "ModelCard", tasks: Sequence["TaskCard"], cases: Sequence["CaseInput"], device: str) -> None:
         if console.state.json:
             emit("run_started", model=model.name, version=model.version, tasks=[t.name for t in tasks],
                  cases=len(cases), device=device)
-        if model.note and not console.state.silent:
-            console.stderr().print(f"[yellow]{model.name}:[/] {model.note}")
         if console.state.silent:
             return
+        err = console.stderr()
+        if model.note:
+            err.print(f"[yellow]{model.name}:[/] {model.note}")
+        if console.state.verbose:
+            err.print(f"model {model.name} {model.version} · tasks {', '.join(t.name for t in tasks)} · "
+                      f"{len(cases)} case(s) · device {device}")
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
@@ -62,8 +70,7 @@ class RunReporter(Events):
             _rate_column(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=console.stderr(),
-            transient=False,
+            console=err,
         )
         self._progress.start()
         self._cases_task = self._progress.add_task("cases", total=len(cases))
@@ -73,8 +80,7 @@ class RunReporter(Events):
         if console.state.json:
             emit("case_started", case_id=case.case_id, input=str(case.path), number=number, total=total)
         if self._progress is not None:
-            self._progress.update(self._windows_task, completed=0, total=None,
-                                  description=f"windows [dim]{case.case_id}[/]")
+            self._progress.reset(self._windows_task, total=None, description=f"windows [dim]{case.case_id}[/]")
 
     def windows(self, done: int, total: int) -> None:
         if self._progress is not None:
@@ -82,28 +88,59 @@ class RunReporter(Events):
 
     def case_done(self, result: CaseResult) -> None:
         if console.state.json:
-            emit("case_done", case_id=result.case_id, outputs={k: str(v) for k, v in result.masks.items()},
+            emit("case_done", case_id=result.case_id, output_dir=str(result.output_dir),
+                 outputs={k: str(v) for k, v in result.masks.items()},
+                 files=[str(p) for p in result.files],
                  volumes_ml={k: round(v, 3) for k, v in result.volumes_ml.items()},
                  seconds=round(result.seconds, 3))
         if self._progress is not None:
             self._progress.advance(self._cases_task)
+            if console.state.verbose:
+                self._progress.console.print(f"{result.case_id}: {result.seconds:.1f} s")
+
+    def case_skipped(self, case: "CaseInput", folder: "Path") -> None:
+        if console.state.json:
+            emit("case_skipped", case_id=case.case_id, output_dir=str(folder), reason="done by an earlier run")
+        if self._progress is not None:
+            self._progress.advance(self._cases_task)
+
+    def case_failed(self, failure: CaseFailure) -> None:
+        if console.state.json:
+            emit("case_failed", case_id=failure.case_id, input=str(failure.input_path), error=failure.error,
+                 message=failure.message, exit_code=failure.exit_code)
+        if self._progress is not None:
+            self._progress.advance(self._cases_task)
+        if not console.state.json:
+            console.error_line(f"case '{failure.case_id}' failed: {failure.message}")
 
     def run_finished(self, result: Result) -> None:
+        self.close()
+        if console.state.json:
+            emit("run_finished", done=len(result.cases), skipped=len(result.skipped), failed=len(result.failures),
+                 interrupted=result.interrupted, exit_code=int(result.exit_code),
+                 seconds=round(time.perf_counter() - self._started, 3))
+
+    def close(self) -> None:
+        """Stop the live display (idempotent; also called when a run raises)."""
         if self._progress is not None:
             self._progress.stop()
-        if console.state.json:
-            emit("run_finished", done=len(result.cases), failed=0, skipped=0)
+            self._progress = None
 
     def summary(self, result: Result) -> None:
-        """The table of structures and volumes at the end of a run (stderr)."""
+        """Structures and volumes per case, then the done/skipped/failed counts (stderr)."""
         if console.state.silent:
             return
         from rich.table import Table
 
-        table = Table(title=f"uniseg · model {result.model.name} {result.model.version} · {result.device}")
-        for col, justify in (("case", "left"), ("structure", "left"), ("volume ml", "right"), ("mask", "left")):
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
-        for case in result.cases:
-            for name, path in case.masks.items():
-                table.add_row(case.case_id, name, f"{case.volumes_ml[name]:.1f}", str(path))
-        console.stderr().print(table)
+        err = console.stderr()
+        if result.cases:
+            table = Table(title=f"uniseg · model {result.model.name} {result.model.version} · {result.device}")
+            for col, justify in (("case", "left"), ("structure", "left"), ("volume ml", "right"), ("file", "left")):
+                table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+            for case in result.cases:
+                for name, path in case.masks.items():
+                    table.add_row(case.case_id, name, f"{case.volumes_ml[name]:.1f}", str(path))
+            err.print(table)
+        err.print(f"done {len(result.cases)} · skipped {len(result.skipped)} · failed {len(result.failures)}"
+                  + (f" (see {result.output / 'failures.jsonl'})" if result.failures else "")
+                  + f" · output {result.output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,74 +11,140 @@ import typer
 from unisegcli.cli import console
 
 DEVICE_HELP = "Where to run: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
+INPUT = "Input"
+ENGINE = "Engine"
+OUTPUT = "Outputs"
+BATCH = "Batch and HPC"
+REPORT = "Reporting"
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def segment_command(
     inputs: Annotated[
-        list[Path],
+        Optional[list[Path]],
         typer.Argument(
-            help="Scans to segment: .nii/.nii.gz files or folders holding them.",
+            help="Scans: .nii/.nii.gz files, folders of them (recursive), DICOM series folders or .zip, globs.",
             show_default=False,
         ),
-    ],
+    ] = None,
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="Folder for the masks (created if missing).", show_default=False),
-    ],
+        typer.Option("--output", "-o", help="Folder for the results (created if missing).", show_default=False,
+                     rich_help_panel=OUTPUT),
+    ] = ...,  # type: ignore[assignment]
     tasks: Annotated[
         str,
-        typer.Option(
-            "--tasks", "-t", help="Comma-separated task names, e.g. liver,kidney (see `uniseg tasks`).",
-            show_default=False,
-        ),
-    ],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model from the registry (see `uniseg models`).")] = "uniseg",
-    device: Annotated[str, typer.Option("--device", "-d", help=DEVICE_HELP)] = "auto",
-    batch_size: Annotated[
-        Optional[int],
-        typer.Option("--batch-size", min=1, help="Windows per forward pass (default: 1 on CPU, from free memory on GPU)."),
-    ] = None,
-    step: Annotated[
-        float,
-        typer.Option("--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap, slower)."),
-    ] = 0.5,
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="8-way flip test-time augmentation (8× slower).")] = False,
-    precision: Annotated[
-        str,
-        typer.Option("--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (CUDA only)."),
-    ] = "auto",
-    threads: Annotated[
-        Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: all cores).")
-    ] = None,
-    offline: Annotated[
-        bool, typer.Option("--offline", help="Never download; use only weights already in the cache (also UNISEG_OFFLINE=1).")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors only.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print each step's timing and settings.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-    json_events: Annotated[
-        bool, typer.Option("--json", help="Print JSON-lines events on stdout (human output stays on stderr).")
-    ] = False,
+        typer.Option("--tasks", "-t", help="Comma-separated task names, e.g. liver,kidney (see `uniseg tasks`).",
+                     show_default=False, rich_help_panel=INPUT),
+    ] = ...,  # type: ignore[assignment]
+    model: Annotated[str, typer.Option("--model", "-m", help="Model from the registry (see `uniseg models`).",
+                                       rich_help_panel=INPUT)] = "uniseg",
+    input_list: Annotated[Optional[str], typer.Option(
+        "--input-list", help="File listing inputs: one path per line, or CSV with case_id,path (or one column "
+        "per channel); '-' reads stdin.", rich_help_panel=INPUT)] = None,
+    channel: Annotated[Optional[list[str]], typer.Option(
+        "--channel", help="A channel file of a multi-channel case, as NAME=PATH (repeat: --channel t1=a.nii.gz "
+        "--channel t2=b.nii.gz ...); names as in `uniseg tasks`.", rich_help_panel=INPUT)] = None,
+    series: Annotated[Optional[str], typer.Option(
+        "--series", help="SeriesInstanceUID to use when a DICOM input holds several series.",
+        rich_help_panel=INPUT)] = None,
+    device: Annotated[str, typer.Option("--device", "-d", help=DEVICE_HELP, rich_help_panel=ENGINE)] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", min=1, help="Windows per forward pass (default: 1 on CPU, from free memory on GPU).",
+        rich_help_panel=ENGINE)] = None,
+    step: Annotated[float, typer.Option(
+        "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap, "
+        "slower).", rich_help_panel=ENGINE)] = 0.5,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="8-way flip test-time augmentation (8× slower).",
+                                      rich_help_panel=ENGINE)] = False,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (CUDA only).",
+        rich_help_panel=ENGINE)] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: "
+                                                   "all cores).", rich_help_panel=ENGINE)] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Never download; use only weights already in the "
+                                          "cache (also UNISEG_OFFLINE=1).", rich_help_panel=ENGINE)] = False,
+    structures: Annotated[Optional[str], typer.Option(
+        "--structures", help="Comma-separated structures to keep (default: all structures of the tasks).",
+        rich_help_panel=OUTPUT)] = None,
+    multilabel: Annotated[bool, typer.Option(
+        "--multilabel", help="Also write segmentation.nii.gz (all structures, one label each) and labels.json; "
+        "where structures overlap the task listed first wins.", rich_help_panel=OUTPUT)] = False,
+    largest_component: Annotated[bool, typer.Option(
+        "--largest-component", help="Keep only the largest connected component of each structure.",
+        rich_help_panel=OUTPUT)] = False,
+    min_component_ml: Annotated[float, typer.Option(
+        "--min-component-ml", min=0.0, help="Remove connected components smaller than this many ml.",
+        rich_help_panel=OUTPUT)] = 0.0,
+    preview: Annotated[bool, typer.Option("--preview", help="Write preview.png: three slices with coloured "
+                                          "overlays and a legend.", rich_help_panel=OUTPUT)] = False,
+    statistics: Annotated[bool, typer.Option(
+        "--statistics/--no-statistics", help="Write statistics.json/.csv per case (volumes, intensities, "
+        "components) and a cohort table in batch runs.", rich_help_panel=OUTPUT)] = True,
+    output_type: Annotated[str, typer.Option(
+        "--output-type", help="nifti (one mask per structure), dicom-seg or rtstruct (DICOM inputs only).",
+        rich_help_panel=OUTPUT)] = "nifti",
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", help="Process shard I/N (1-based) of the sorted cases; default from SLURM_ARRAY_TASK_* "
+        "when set.", rich_help_panel=BATCH)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Redo cases already marked done by an earlier run (default: skip them).",
+        rich_help_panel=BATCH)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors only.",
+                                        rich_help_panel=REPORT)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print settings and per-case timings.",
+                                          rich_help_panel=REPORT)] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.",
+                                        rich_help_panel=REPORT)] = False,
+    json_events: Annotated[bool, typer.Option(
+        "--json", help="Print JSON-lines events on stdout (human output stays on stderr).",
+        rich_help_panel=REPORT)] = False,
 ) -> None:
     """Segment scans: one mask per structure, in each scan's original geometry."""
     console.state.quiet, console.state.verbose = quiet, verbose
     console.state.debug, console.state.json = debug, json_events
     from unisegcli.api import segment
     from unisegcli.cli.reporting import RunReporter
+    from unisegcli.outputs.writer import OutputOptions
 
-    reporter = RunReporter()
-    result = segment(
-        inputs,
-        tasks,
-        output=output,
-        model=model,
-        device=device,
-        batch_size=batch_size,
-        step=step,
-        tta=tta,
-        precision=precision,
-        threads=threads,
-        offline=offline,
-        events=reporter,
+    # SIGTERM (Slurm's scancel, timeouts) stops like Ctrl-C: the current case is abandoned
+    # without partial files, done markers stay intact, the summary is printed.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    options = OutputOptions(
+        structures=tuple(s.strip() for s in structures.split(",") if s.strip()) if structures is not None else None,
+        multilabel=multilabel,
+        largest_component=largest_component,
+        min_component_ml=min_component_ml,
+        preview=preview,
+        statistics=statistics,
+        output_type=output_type,
     )
+    reporter = RunReporter()
+    try:
+        result = segment(
+            inputs or [],
+            tasks,
+            output=output,
+            model=model,
+            device=device,
+            batch_size=batch_size,
+            step=step,
+            tta=tta,
+            precision=precision,
+            threads=threads,
+            offline=offline,
+            outputs=options,
+            input_list=input_list,
+            channels=channel or (),
+            series_uid=series,
+            shard=shard,
+            overwrite=overwrite,
+            events=reporter,
+        )
+    finally:
+        reporter.close()
     reporter.summary(result)
+    raise typer.Exit(int(result.exit_code))

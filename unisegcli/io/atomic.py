@@ -16,6 +16,12 @@ from typing import Callable, Iterator
 from unisegcli.errors import OutputError
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextmanager
 def staged_files(folder: Path) -> Iterator[Callable[[str], Path]]:
     """Yield ``stage(name) -> temp path``; on success every staged file is renamed to ``folder/name``.
@@ -30,6 +36,9 @@ def staged_files(folder: Path) -> Iterator[Callable[[str], Path]]:
         final = folder / name
         suffix = ".tmp.nii.gz" if name.endswith(".gz") else ".tmp" + "".join(Path(name).suffixes[-1:])
         fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=folder)
+        # mkstemp creates 0600; results are shared files (HPC groups), so give them the
+        # permissions a plain open() would: 0666 minus the umask.
+        os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
         staged.append((Path(tmp_name), final))
         return Path(tmp_name)

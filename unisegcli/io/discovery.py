@@ -1,54 +1,229 @@
-"""Turn what the user typed (files, folders) into a sorted list of scans with case ids."""
+"""Turn what the user typed into a sorted list of cases with unique ids.
+
+Sources: files, folders (searched recursively for .nii/.nii.gz files and DICOM series
+folders), shell globs (also when quoted), an input list (``--input-list FILE`` or ``-`` for
+stdin: one path per line, or a CSV with ``case_id,path`` and/or one column per channel name),
+and explicit channel files (``--channel t1=a.nii.gz``).
+
+Case ids are file names without .nii/.nii.gz (the folder name for DICOM series). nnU-Net
+style channel files ``case_0000.nii.gz, case_0001.nii.gz, ...`` form one multi-channel case
+``case`` when their count equals the number of channels the requested tasks need; otherwise
+each file is a case of its own (so a cohort numbered ``case_0000 ... case_0011`` is not
+mistaken for one 12-channel scan).
+"""
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence, TextIO
 
 from unisegcli.errors import InputNotFoundError, UsageError
 from unisegcli.io.nifti import case_id, is_nifti_name
 
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
+_GLOB_CHARS = set("*?[")
+
 
 @dataclass(frozen=True)
 class CaseInput:
-    """One case to segment: its id (file name without .nii/.nii.gz) and its file."""
+    """One case: its id and its files.
+
+    paths: one file (3D, or 4D with channels in the task's order), several channel files in
+    channel order, or one DICOM series folder/.zip (``dicom`` True). channel_names: the
+    name of each path's channel when the user named them (``--channel``, CSV columns),
+    else None (channels are taken in order).
+    """
 
     case_id: str
-    path: Path
+    paths: tuple[Path, ...]
+    channel_names: tuple[str, ...] | None = None
+    dicom: bool = False
+
+    @property
+    def path(self) -> Path:
+        """The first (or only) file: used in messages and as the geometry template."""
+        return self.paths[0]
 
 
-def discover(inputs: Iterable[Path]) -> list[CaseInput]:
-    """Files as given, folders searched recursively for NIfTI files; sorted by case id.
+def _expand(raw: str | Path) -> list[Path]:
+    """A path as given, or the matches of a (quoted) glob pattern."""
+    text = str(raw)
+    path = Path(text).expanduser()
+    if path.exists() or not (_GLOB_CHARS & set(text)):
+        return [path]
+    matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    if not matches:
+        raise InputNotFoundError(
+            f"pattern '{raw}' matches no file; expected .nii/.nii.gz files or folders. "
+            "Check the pattern and the current folder."
+        )
+    return matches
 
-    Raises InputNotFoundError for a missing path or a folder without scans and UsageError
-    for two inputs that would write to the same case folder.
+
+def _is_dicom(path: Path) -> bool:
+    from unisegcli.io.dicom import is_dicom_input
+
+    return is_dicom_input(path)
+
+
+def _scan_folder(folder: Path, raw: str | Path) -> tuple[list[Path], list[Path]]:
+    """NIfTI files and DICOM series folders below ``folder`` (hidden names skipped)."""
+    nifti = sorted(
+        p for p in folder.rglob("*") if p.is_file() and is_nifti_name(p) and not p.name.startswith(".")
+    )
+    dicom: list[Path] = []
+    if not nifti and _is_dicom(folder):
+        dicom = [folder]
+    elif not nifti:
+        dicom = sorted(d for d in folder.rglob("*") if d.is_dir() and _is_dicom(d) and not any(
+            c.is_dir() for c in d.iterdir()))
+    if not nifti and not dicom:
+        raise InputNotFoundError(
+            f"folder '{raw}' holds no .nii/.nii.gz scans or DICOM series; expected at least one. "
+            "Pass the scan files or the folder that holds them."
+        )
+    return nifti, dicom
+
+
+def _group_channel_files(files: Sequence[Path], channels_needed: int) -> list[CaseInput]:
+    """Cases from NIfTI files, grouping nnU-Net style ``<case>_<dddd>`` channel files."""
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    singles: list[Path] = []
+    for path in files:
+        match = _CHANNEL_SUFFIX.match(case_id(path))
+        if match:
+            key = (path.parent, match["case"])
+            groups.setdefault(key, {})[int(match["index"])] = path
+        else:
+            singles.append(path)
+    looks_like_channels = bool(groups) and all(
+        sorted(g) == list(range(channels_needed)) for g in groups.values()
+    )
+    if not looks_like_channels:
+        return [CaseInput(case_id(p), (p,)) for p in files]
+    cases = [CaseInput(case_id(p), (p,)) for p in singles]
+    for (_, name), members in groups.items():
+        cases.append(CaseInput(name, tuple(members[i] for i in sorted(members))))
+    return cases
+
+
+def read_input_list(source: str | Path, stdin: TextIO | None = None) -> list[CaseInput]:
+    """Cases from a text list (one path per line) or a CSV (``case_id,path`` or channel columns).
+
+    ``-`` reads standard input. Relative paths are taken relative to the list file's folder
+    (the current folder for stdin). Blank lines and lines starting with '#' are skipped.
+    """
+    if str(source) == "-":
+        text, base = (stdin or sys.stdin).read(), Path.cwd()
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise InputNotFoundError(
+                f"input list '{source}' does not exist; expected a text file with one path per "
+                "line or a CSV with case_id,path columns."
+            )
+        text, base = path.read_text(encoding="utf-8"), path.parent
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise InputNotFoundError(f"input list '{source}' is empty; expected one scan per line.")
+
+    def resolve(entry: str) -> Path:
+        p = Path(entry.strip()).expanduser()
+        return p if p.is_absolute() else base / p
+
+    header = [h.strip() for h in next(csv.reader([lines[0]]))]
+    if "," not in lines[0] or "case_id" not in header:
+        return [CaseInput("", (resolve(ln),)) for ln in lines]  # ids come from the file names
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+    channel_columns = [h for h in header if h not in ("case_id", "path")]
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        cid = (row.get("case_id") or "").strip()
+        if not cid:
+            raise UsageError(f"input list '{source}' line {number}: empty case_id; expected an id per row.")
+        if row.get("path"):
+            cases.append(CaseInput(cid, (resolve(row["path"]),)))
+        elif channel_columns and all(row.get(c) for c in channel_columns):
+            paths = tuple(resolve(row[c]) for c in channel_columns)
+            cases.append(CaseInput(cid, paths, tuple(channel_columns)))
+        else:
+            raise UsageError(
+                f"input list '{source}' line {number}: no path; expected a 'path' column or one "
+                f"column per channel ({', '.join(channel_columns) or 'e.g. ct,pet'})."
+            )
+    return cases
+
+
+def parse_channels(specs: Sequence[str]) -> CaseInput:
+    """``--channel name=path`` options as one case (id from the first file's name)."""
+    names, paths = [], []
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UsageError(f"--channel '{spec}' is not NAME=PATH; expected e.g. --channel t1=t1.nii.gz.")
+        if name.strip() in names:
+            raise UsageError(f"--channel '{name.strip()}' is given twice; expected each channel once.")
+        names.append(name.strip().lower())
+        paths.append(Path(value.strip()).expanduser())
+    cid = _CHANNEL_SUFFIX.sub(r"\g<case>", case_id(paths[0]))
+    return CaseInput(cid, tuple(paths), tuple(names))
+
+
+def discover(
+    inputs: Iterable[str | Path],
+    *,
+    input_list: str | Path | None = None,
+    channels: Sequence[str] = (),
+    channels_needed: int = 1,
+    stdin: TextIO | None = None,
+) -> list[CaseInput]:
+    """All cases to run, sorted by case id.
+
+    Raises InputNotFoundError for a missing path, an empty folder or an empty list, and
+    UsageError for two different inputs that would get the same case id or for no input.
     """
     cases: list[CaseInput] = []
+    nifti_files: list[Path] = []
     for raw in inputs:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise InputNotFoundError(
-                f"input '{raw}' does not exist; expected a .nii/.nii.gz file or a folder of them. "
-                "Check the path (and quoting of spaces)."
-            )
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_nifti_name(p) and not p.name.startswith("."))
-            if not found:
+        for path in _expand(raw):
+            if not path.exists():
                 raise InputNotFoundError(
-                    f"folder '{raw}' holds no .nii/.nii.gz scans; expected at least one. "
-                    "Pass the scan files or the folder that holds them."
+                    f"input '{raw}' does not exist; expected a .nii/.nii.gz file, a DICOM folder "
+                    "or a folder of scans. Check the path (and quoting of spaces)."
                 )
-            cases.extend(CaseInput(case_id(p), p) for p in found)
-        else:
-            cases.append(CaseInput(case_id(path), path))
-    seen: dict[str, Path] = {}
+            if path.is_dir():
+                found, series = _scan_folder(path, raw)
+                nifti_files.extend(found)
+                cases.extend(CaseInput(d.name, (d,), dicom=True) for d in series)
+            elif path.suffix.lower() == ".zip":
+                cases.append(CaseInput(path.stem, (path,), dicom=True))
+            else:
+                nifti_files.append(path)
+    cases.extend(_group_channel_files(nifti_files, channels_needed))
+    if input_list is not None:
+        for case in read_input_list(input_list, stdin):
+            cid = case.case_id or case_id(case.path)
+            cases.append(CaseInput(cid, case.paths, case.channel_names, dicom=case.path.suffix.lower() == ".zip"))
+    if channels:
+        cases.append(parse_channels(channels))
+    if not cases:
+        raise UsageError(
+            "no input given; expected scan files or folders, --input-list FILE (or - for stdin), "
+            "or --channel NAME=PATH."
+        )
+    by_id: dict[str, CaseInput] = {}
     for case in cases:
-        if case.case_id in seen and seen[case.case_id].resolve() != case.path.resolve():
+        known = by_id.get(case.case_id)
+        if known is not None and [p.resolve() for p in known.paths] != [p.resolve() for p in case.paths]:
             raise UsageError(
-                f"two inputs have the case id '{case.case_id}' ({seen[case.case_id]} and {case.path}); "
-                "expected unique file names. Rename one of them."
+                f"two inputs have the case id '{case.case_id}' ({known.path} and {case.path}); "
+                "expected unique file names. Rename one, or give ids in a CSV --input-list."
             )
-        seen[case.case_id] = case.path
-    unique = {c.case_id: c for c in cases}
-    return [unique[k] for k in sorted(unique)]
+        by_id[case.case_id] = case
+    return [by_id[k] for k in sorted(by_id)]

@@ -1,0 +1,383 @@
+"""Read one DICOM image series (a folder, or a .zip of one) into a ``Scan``.
+
+Needs the ``dicom`` extra (pydicom, highdicom and the pylibjpeg decoders for JPEG 2000 /
+JPEG lossless / JPEG-LS), imported lazily; without it a clear error says
+``pip install 'unisegcli[dicom]'``.
+
+Classic single-frame series (one file per slice: almost every CT/MR/PET export) are stacked
+here with pydicom: slices sorted along the slice normal, checked for one orientation, one
+size, and evenly spaced positions (a gap = missing slices is an error, never silently
+interpolated). Enhanced multi-frame files go through highdicom's volume reader. The stacked
+volume is written to a temporary NIfTI and read back with ``nifti.read_scan``, so a DICOM
+scan gets exactly the internal orientation, checks and geometry of the NIfTI path.
+
+The "file" voxel order of a DICOM scan is (i, j, k) = (column, row, slice index along the
+slice normal), the order viewers show; ``DicomSource.datasets`` are in that k order.
+
+Privacy: patient fields (name, id, birth date, ...) never appear in logs or messages.
+Messages are built from geometry, UIDs and descriptions only; anything quoted from
+elsewhere (file names, decoder errors) goes through a redactor that masks the series'
+patient values; pydicom's own warnings (which can quote element values) are silenced.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from unisegcli.errors import (
+    ImageFormatError,
+    ImageShapeError,
+    InputError,
+    InputNotFoundError,
+    UsageError,
+)
+from unisegcli.io.dicom_privacy import Redactor, quiet_pydicom
+from unisegcli.io.dicom_series import (  # noqa: F401  (the geometry errors are re-exported)
+    DicomGeometryError,
+    MissingSlicesError,
+    SeriesInfo,
+    read_multiframe,
+    sort_slices,
+)
+from unisegcli.io.nifti import Scan, read_scan
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+DICOM_EXTRA_HINT = "pip install 'unisegcli[dicom]'"
+MAX_ARCHIVE_BYTES = 32 * 1024**3  # refuse zip bombs: no CT series comes near 32 GiB
+MAX_ARCHIVE_FILES = 200_000
+_PROBE_FILES = 256  # is_dicom_input looks at this many files at most
+
+
+class DicomExtraMissingError(UsageError):
+    """A DICOM input or output was asked for but the ``dicom`` extra is not installed."""
+
+
+class DicomSeriesError(InputError):
+    """The input holds several series (or not the one asked for); ``series`` lists them."""
+
+    def __init__(self, message: str, series: Sequence[SeriesInfo] = ()) -> None:
+        super().__init__(message)
+        self.series = tuple(series)
+
+
+class DicomArchiveError(InputError):
+    """A .zip input is unsafe (absolute paths, '..', links, too big) or unreadable."""
+
+
+@dataclass(frozen=True)
+class DicomSource:
+    """What the DICOM writers need from the input series.
+
+    datasets: the series' headers (no pixel data) in the scan's k order; they hold patient
+    data, so they are kept out of repr and must never be logged. file_names: the slice files
+    relative to the series folder (or inside the .zip), same order. multiframe: the series
+    is one enhanced multi-frame file (DICOM outputs then are not supported).
+    """
+
+    path: Path
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str | None
+    modality: str
+    file_names: tuple[str, ...]
+    datasets: tuple["Dataset", ...] = field(repr=False)
+    multiframe: bool = False
+
+
+def require_pydicom() -> Any:
+    """Import pydicom, or explain how to install the extra."""
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise DicomExtraMissingError(
+            f"DICOM support is not installed (no module '{exc.name}'); expected the 'dicom' "
+            f"extra for DICOM inputs and outputs. Install it: {DICOM_EXTRA_HINT}"
+        ) from exc
+    return pydicom
+
+
+def _has_dicm_preamble(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _candidate_files(folder: Path) -> Iterator[Path]:
+    """Regular files under ``folder``, hidden files and DICOMDIR indexes left out."""
+    for path in sorted(folder.rglob("*")):
+        if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+            continue
+        if path.is_file():
+            yield path
+
+
+def is_dicom_input(path: Path) -> bool:
+    """True for a .zip file, or a folder with a DICOM file (``DICM`` at byte 128) among its
+    first files (checked recursively, NIfTI files skipped; cheap enough for discovery)."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() == ".zip" and zipfile.is_zipfile(path)
+    if not path.is_dir():
+        return False
+    for count, candidate in enumerate(_candidate_files(path)):
+        if count >= _PROBE_FILES:
+            break
+        if not candidate.name.lower().endswith((".nii", ".nii.gz")) and _has_dicm_preamble(candidate):
+            return True
+    return False
+
+
+def extract_zip(archive: Path, target: Path) -> Path:
+    """Unpack ``archive`` into ``target`` after checking every entry; returns ``target``.
+
+    Refused: absolute names, drive letters, '..' parts, symbolic links, more than
+    MAX_ARCHIVE_BYTES unpacked or MAX_ARCHIVE_FILES entries. Nothing is written before all
+    entries passed.
+    """
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DicomArchiveError(
+            f"cannot open '{archive}' as a .zip ({type(exc).__name__}); expected a zip of one "
+            "DICOM series. Re-create the archive or pass the unpacked folder."
+        ) from exc
+    with zf:
+        entries = zf.infolist()
+        if len(entries) > MAX_ARCHIVE_FILES:
+            raise DicomArchiveError(f"'{archive}' has {len(entries)} entries; expected at most {MAX_ARCHIVE_FILES}.")
+        total = 0
+        plan: list[tuple[zipfile.ZipInfo, Path]] = []
+        for info in entries:
+            name = info.filename.replace("\\", "/")
+            parts = PurePosixPath(name).parts
+            unsafe = (
+                name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts
+                or stat.S_ISLNK(info.external_attr >> 16)
+            )  # fmt: skip
+            if unsafe:
+                raise DicomArchiveError(
+                    f"'{archive}' has an unsafe entry '{info.filename}' (absolute path, '..' or "
+                    "link); expected plain relative file names. Nothing was extracted; "
+                    "re-create the archive from the series folder."
+                )
+            total += info.file_size
+            if total > MAX_ARCHIVE_BYTES:
+                raise DicomArchiveError(
+                    f"'{archive}' unpacks to more than {MAX_ARCHIVE_BYTES // 1024**3} GiB; expected "
+                    "one series. Pass the series folder instead."
+                )
+            if not info.is_dir():
+                plan.append((info, target.joinpath(*parts)))
+        root = target.resolve()
+        for info, dest in plan:
+            if root not in dest.resolve().parents:  # defence in depth after the name checks
+                raise DicomArchiveError(f"'{archive}' entry '{info.filename}' leaves the extraction folder.")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, dest.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return target
+
+
+def _read_headers(folder: Path) -> tuple[list[tuple[str, "Dataset"]], int]:
+    """(relative name, header) of every DICOM image file under ``folder``; and how many
+    files with a DICOM preamble could not be parsed."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    images: list[tuple[str, Dataset]] = []
+    unreadable = 0
+    with quiet_pydicom():
+        for path in _candidate_files(folder):
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except InvalidDicomError:
+                continue  # not DICOM (no preamble): notes, checksums, NIfTI exports
+            except Exception:  # truncated/corrupt files raise many types
+                unreadable += 1
+                continue
+            if "Rows" in ds and "Columns" in ds and "SeriesInstanceUID" in ds:
+                images.append((path.relative_to(folder).as_posix(), ds))
+    return images, unreadable
+
+
+def _series_table(images: list[tuple[str, "Dataset"]]) -> dict[str, list[tuple[str, "Dataset"]]]:
+    series: dict[str, list[tuple[str, Dataset]]] = {}
+    for name, ds in images:
+        series.setdefault(str(ds.SeriesInstanceUID), []).append((name, ds))
+    return series
+
+
+def _describe(uid: str, members: list[tuple[str, "Dataset"]]) -> SeriesInfo:
+    first = members[0][1]
+    folders = {str(PurePosixPath(name).parent) for name, _ in members}
+    frames = sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for _, ds in members)
+    return SeriesInfo(
+        uid=uid,
+        description=str(getattr(first, "SeriesDescription", "") or "")[:64],
+        number=getattr(first, "SeriesNumber", None),
+        modality=str(getattr(first, "Modality", "") or ""),
+        slice_count=frames,
+        subfolder=folders.pop() if len(folders) == 1 else None,
+    )
+
+
+def _choose_series(
+    series: dict[str, list[tuple[str, "Dataset"]]], series_uid: str | None, path: Path, redact: Redactor
+) -> list[tuple[str, "Dataset"]]:
+    infos = sorted(
+        (_describe(uid, m) for uid, m in series.items()), key=lambda s: (s.number is None, s.number or 0, s.uid)
+    )
+    listing = "\n".join("  " + redact(info.line()) for info in infos)
+    if series_uid is not None:
+        if series_uid not in series:
+            raise DicomSeriesError(
+                f"'{path}' has no series with SeriesInstanceUID '{series_uid}'; it holds "
+                f"{len(infos)} series:\n{listing}\nPass one of these UIDs.",
+                infos,
+            )
+        return series[series_uid]
+    if len(series) > 1:
+        raise DicomSeriesError(
+            f"'{path}' holds {len(infos)} DICOM series; expected one. Pass the folder of one series "
+            f"(its subfolder below) or choose one with --series UID:\n{listing}",
+            infos,
+        )
+    return next(iter(series.values()))
+
+
+def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSource]:
+    """Read one DICOM series from a folder or a .zip into a ``Scan`` plus its ``DicomSource``.
+
+    series_uid picks one series when the input holds several (otherwise that is an error
+    listing them). Scan.data is float32 [C=1, Z, Y, X] internal RAS order with the modality
+    rescale (HU for CT) applied; Scan.path is the input path; Scan.image is an in-memory NIfTI
+    (no patient data in its header) to use as the output template.
+    """
+    require_pydicom()
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"input '{path}' does not exist; expected a DICOM series folder or a .zip of one.")
+    with tempfile.TemporaryDirectory(prefix="uniseg-dicom-") as tmp:
+        tmp_dir = Path(tmp)
+        if path.is_file():
+            if not (path.suffix.lower() == ".zip" and zipfile.is_zipfile(path)):
+                raise ImageFormatError(
+                    f"'{path}' is neither a folder nor a .zip; expected a DICOM series folder or a "
+                    ".zip of one. Pass the folder holding the slice files."
+                )
+            folder = extract_zip(path, tmp_dir / "unpacked")
+        else:
+            folder = path
+        images, unreadable = _read_headers(folder)
+        if not images:
+            extra = f" ({unreadable} DICOM files could not be parsed)" if unreadable else ""
+            raise InputNotFoundError(
+                f"'{path}' holds no DICOM images{extra}; expected the files of one series (with "
+                "'DICM' at byte 128). Pass the folder that holds the slice files."
+            )
+        redact = Redactor.from_datasets([ds for _, ds in images])
+        members = _choose_series(_series_table(images), series_uid, path, redact)
+        if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in members):
+            volume_ijk, affine = read_multiframe(folder, members, path, redact)
+            multiframe = True
+        else:
+            members, affine = sort_slices(members, path, redact, unreadable)
+            volume_ijk = _read_slices(folder, members, path, redact)
+            multiframe = False
+        scan = _to_scan(volume_ijk, affine, path, tmp_dir)
+    first = members[0][1]
+    source = DicomSource(
+        path=path,
+        series_instance_uid=str(first.SeriesInstanceUID),
+        study_instance_uid=str(getattr(first, "StudyInstanceUID", "")),
+        frame_of_reference_uid=str(first.FrameOfReferenceUID) if "FrameOfReferenceUID" in first else None,
+        modality=str(getattr(first, "Modality", "") or ""),
+        file_names=tuple(name for name, _ in members),
+        datasets=tuple(ds for _, ds in members),
+        multiframe=multiframe,
+    )
+    log.debug("read DICOM series: %d slices, shape %s", len(members), scan.file_shape)
+    return scan, source
+
+
+def _pixels(ds: "Dataset", name: str, path: Path, redact: Redactor) -> np.ndarray:
+    """Decoded stored values of one file; decoder problems name the transfer syntax."""
+    syntax = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
+    syntax_name = getattr(syntax, "name", str(syntax))
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # decoders raise RuntimeError, NotImplementedError, ValueError...
+        raise ImageFormatError(
+            redact(
+                f"cannot decode the pixels of '{name}' in '{path}' (transfer syntax {syntax_name}: "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())}); expected a decodable image. "
+                f"Re-copy the file if it is damaged; for compressed series install the decoders "
+                f"({DICOM_EXTRA_HINT})."
+            )
+        ) from None  # no chained exception: its text may quote header values
+
+
+def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path, redact: Redactor) -> np.ndarray:
+    """float32 [i, j, k] = (column, row, slice) with each slice's rescale slope/intercept."""
+    import pydicom
+
+    first = members[0][1]
+    volume = np.empty((int(first.Columns), int(first.Rows), len(members)), dtype=np.float32)
+    with quiet_pydicom():
+        for k, (name, _) in enumerate(members):
+            try:
+                ds = pydicom.dcmread(folder / name)
+            except Exception:
+                raise ImageFormatError(
+                    redact(f"cannot read '{name}' in '{path}' (truncated or corrupt); re-copy the series.")
+                ) from None
+            if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
+                raise ImageShapeError(
+                    redact(f"'{name}' in '{path}' is a colour image; expected greyscale CT/MR/PET slices.")
+                )
+            if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                raise ImageFormatError(
+                    redact(f"'{name}' in '{path}' has no pixel data (truncated?); expected an image. Re-copy it.")
+                )
+            pixels = _pixels(ds, name, path, redact)
+            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+            # pixel_array is [rows, columns] = [j, i]; the volume is stored (i, j, k).
+            volume[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
+    return volume
+
+
+def _to_scan(volume_ijk: np.ndarray, affine_ras: np.ndarray, path: Path, tmp_dir: Path) -> Scan:
+    """Go through a temporary NIfTI so the Scan is built exactly like the NIfTI path's."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(volume_ijk, affine_ras)
+    image.set_sform(affine_ras, code=1)  # 1 = scanner coordinates, as DICOM positions are
+    image.set_qform(affine_ras, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    tmp_file = tmp_dir / "series.nii"  # uncompressed: written and read once, speed matters
+    nib.save(image, str(tmp_file))
+    del image
+    scan = read_scan(tmp_file)
+    # The template must outlive the temp file: keep its header, and as data a view of
+    # scan.data in file order (no second copy of the volume in memory).
+    header = scan.image.header
+    template = nib.Nifti1Image(scan.reorientation.to_file(scan.data[0]), scan.image.affine, header=header)
+    return Scan(path=path, data=scan.data, spacing_mm=scan.spacing_mm, reorientation=scan.reorientation, image=template)
+

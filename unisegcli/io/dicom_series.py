@@ -1,0 +1,188 @@
+"""What a DICOM series is made of: its listing line, its slice order and its voxel geometry.
+
+Single-frame series: pure numpy on pydicom headers (``sort_slices``). Enhanced multi-frame
+files: highdicom's volume reader (``read_multiframe``). Geometry follows the
+DICOM standard (C.7.6.2): ImageOrientationPatient holds the row direction (along which the
+column index grows) then the column direction; PixelSpacing is (between rows, between
+columns); positions are LPS mm. Voxel order is (i, j, k) = (column, row, slice), slices
+sorted by increasing position along the normal row x column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from unisegcli.errors import ImageValueError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Slices may deviate this much (relative) from the median spacing; scanners jitter a little.
+SPACING_TOLERANCE = 0.1
+
+
+class DicomGeometryError(ImageValueError):
+    """Slices do not form one regular volume (mixed orientations/sizes, uneven spacing)."""
+
+
+class MissingSlicesError(DicomGeometryError):
+    """Slice positions have a gap: slices are missing from the series."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series of an input, as listed to users choosing between several (no patient data)."""
+
+    uid: str
+    description: str
+    number: int | None
+    modality: str
+    slice_count: int
+    subfolder: str | None
+
+    def line(self) -> str:
+        where = f", folder '{self.subfolder}'" if self.subfolder not in (None, ".") else ""
+        number = f"#{self.number} " if self.number is not None else ""
+        return (
+            f"{self.uid}: {number}'{self.description}' {self.modality}, "
+            f"{self.slice_count} slice(s){where}"
+        )
+
+
+def dicom_affine_ras(
+    row_cosine: np.ndarray, column_cosine: np.ndarray, pixel_spacing: tuple[float, float],
+    origin_lps: np.ndarray, slice_vector_lps: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """4x4 affine from (i=column, j=row, k=slice) indices to RAS mm.
+
+    pixel_spacing: (between rows, between columns) as in the DICOM element. slice_vector_lps:
+    the step between consecutive sorted slices (not necessarily along the normal: gantry
+    tilt gives a sheared, still exact, affine).
+    """
+    lps = np.eye(4)
+    lps[:3, 0] = np.asarray(row_cosine, float) * float(pixel_spacing[1])
+    lps[:3, 1] = np.asarray(column_cosine, float) * float(pixel_spacing[0])
+    lps[:3, 2] = np.asarray(slice_vector_lps, float)
+    lps[:3, 3] = np.asarray(origin_lps, float)
+    return LPS_TO_RAS @ lps
+
+
+def _floats(ds: "Dataset", keyword: str) -> np.ndarray:
+    return np.array([float(v) for v in ds.get(keyword)], dtype=float)
+
+
+def sort_slices(
+    members: list[tuple[str, "Dataset"]], path: Path, redact: Callable[[str], str], unreadable: int = 0
+) -> tuple[list[tuple[str, "Dataset"]], np.ndarray]:
+    """Sort a single-frame series along its normal and check it is one regular volume.
+
+    members: (file name, header) pairs of one series. Returns the sorted pairs and the RAS
+    affine of the (column, row, slice) volume. Raises DicomGeometryError for missing
+    geometry, mixed orientations, sizes or spacings, duplicate or uneven positions, and
+    MissingSlicesError for gaps.
+    """
+    hint = f" ({unreadable} file(s) could not be parsed and may be the missing ones)" if unreadable else ""
+    for name, ds in members:
+        absent = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
+        if absent:
+            raise DicomGeometryError(
+                redact(
+                    f"'{name}' in '{path}' has no {', '.join(absent)}; expected cross-sectional slices "
+                    "with position and orientation (not a localizer, screenshot or report)."
+                )
+            )
+    first = members[0][1]
+    iop = _floats(first, "ImageOrientationPatient")
+    spacing = _floats(first, "PixelSpacing")
+    shape = (int(first.Rows), int(first.Columns))
+    for _, ds in members[1:]:
+        if not np.allclose(_floats(ds, "ImageOrientationPatient"), iop, atol=1e-4):
+            raise DicomGeometryError(
+                f"the series in '{path}' mixes slice orientations; expected one stack of parallel "
+                "slices (a localizer or a second plane in the same series?). Export the axial "
+                "stack alone."
+            )
+        if (int(ds.Rows), int(ds.Columns)) != shape or not np.allclose(_floats(ds, "PixelSpacing"), spacing, rtol=1e-4):
+            raise DicomGeometryError(
+                f"the series in '{path}' mixes slice sizes or pixel spacings (first {shape[0]}x{shape[1]} "
+                f"at {spacing.tolist()} mm); expected identical slices. Export one reconstruction."
+            )
+    row_cos, col_cos = iop[:3], iop[3:]
+    normal = np.cross(row_cos, col_cos)
+    positions = np.array([_floats(ds, "ImagePositionPatient") for _, ds in members])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    members = [members[i] for i in order]
+    positions, along = positions[order], along[order]
+    if len(members) == 1:
+        thickness = float(getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 0) or 1.0)
+        return members, dicom_affine_ras(row_cos, col_cos, tuple(spacing), positions[0], normal * thickness)  # type: ignore[arg-type]
+    steps = np.diff(along)
+    duplicates = int(np.count_nonzero(steps < 1e-3))
+    if duplicates:
+        raise DicomGeometryError(
+            f"the series in '{path}' has {duplicates} slice(s) at the same position as another; "
+            "expected one slice per position (several echoes, phases or time points in one "
+            "series?). Export a single volume."
+        )
+    step = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - step)))
+    if steps[worst] >= 1.5 * step:
+        missing = int(round(steps[worst] / step)) - 1
+        raise MissingSlicesError(
+            f"the series in '{path}' has a gap: slice positions jump by {steps[worst]:.2f} mm between "
+            f"slices {worst + 1} and {worst + 2} of {len(members)} (at {along[worst]:.2f} and "
+            f"{along[worst + 1]:.2f} mm along the normal), expected {step:.2f} mm; about {missing} "
+            f"slice(s) are missing{hint}. Re-export or re-copy the complete series."
+        )
+    if abs(steps[worst] - step) > SPACING_TOLERANCE * step:
+        raise DicomGeometryError(
+            f"the series in '{path}' has uneven slice spacing (from {steps.min():.2f} to "
+            f"{steps.max():.2f} mm, median {step:.2f} mm); expected evenly spaced slices. Export "
+            "a reconstruction with constant spacing."
+        )
+    slice_vector = (positions[-1] - positions[0]) / (len(members) - 1)
+    return members, dicom_affine_ras(row_cos, col_cos, tuple(spacing), positions[0], slice_vector)  # type: ignore[arg-type]
+
+
+def read_multiframe(
+    folder: Path, members: list[tuple[str, "Dataset"]], path: Path, redact: Callable[[str], str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [i, j, k] volume and its RAS affine from one enhanced multi-frame file.
+
+    highdicom sorts the frames by position and checks they form one regular volume.
+    """
+    import highdicom as hd
+    import pydicom
+
+    from unisegcli.io.dicom_privacy import quiet_pydicom
+
+    if len(members) != 1:
+        raise DicomGeometryError(
+            f"the series in '{path}' has {len(members)} multi-frame files; expected one. "
+            "Pass a folder holding one enhanced image."
+        )
+    name = members[0][0]
+    with quiet_pydicom():
+        try:
+            ds = pydicom.dcmread(folder / name)
+            volume = hd.Image.from_dataset(ds, copy=False).get_volume(dtype=np.float32)
+        except Exception as exc:
+            raise DicomGeometryError(
+                redact(
+                    f"cannot stack the frames of '{name}' in '{path}' into one volume "
+                    f"({type(exc).__name__}: {exc}); expected parallel, evenly spaced frames."
+                )
+            ) from None
+    # highdicom: array (slice, row, column), affine from those indices to LPS mm.
+    array = np.asarray(volume.array, dtype=np.float32)
+    lps = np.asarray(volume.affine, dtype=float)
+    volume_ijk = np.ascontiguousarray(np.transpose(array, (2, 1, 0)))  # (column, row, slice)
+    lps_ijk = lps[:, [2, 1, 0, 3]]
+    affine = LPS_TO_RAS @ lps_ijk
+    return volume_ijk, affine

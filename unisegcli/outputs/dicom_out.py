@@ -1,0 +1,270 @@
+"""DICOM outputs for DICOM inputs: a SEG (``--output-type dicom-seg``) or an RT Structure Set
+(``--output-type rtstruct``), both referencing the source series' instances.
+
+Masks arrive as bool [Z, Y, X] in internal order; they are turned back into the source's
+(i, j, k) = (column, row, slice) order with the scan's reorientation, so frame k of the
+output lies on source slice k (``DicomSource.datasets`` are in that order).
+
+- DICOM SEG: highdicom, BINARY, one segment per structure (empty frames omitted; an empty
+  structure stays a segment without frames). Segment codes: SNOMED CT codes found in
+  pydicom's code dictionary by the structure's name ("liver" -> Liver), tumours and lesions
+  as "Morphologically Altered Structure", anything else as generic "Tissue".
+- RTSTRUCT: highdicom has no writer and rt-utils needs OpenCV, so it is built here with
+  pydicom: per slice, closed planar contours from marching squares (scikit-image) at the
+  0.5 level, i.e. along the voxel borders of the mask; holes are separate contours (viewers
+  combine contours of a slice by XOR).
+
+Both copy the patient and study modules of the source (a DICOM object must belong to its
+patient); nothing of them is ever printed.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from unisegcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from unisegcli.io.dicom import DicomSource
+    from unisegcli.io.nifti import Scan
+
+DICOM_OUTPUT_TYPES = ("dicom-seg", "rtstruct")
+OUTPUT_FILE_NAMES = {"dicom-seg": "segmentation.dcm", "rtstruct": "rtstruct.dcm"}
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+_STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # what RT systems expect in RTReferencedStudySequence
+_ALTERED_WORDS = ("tumor", "tumour", "lesion", "edema", "oedema", "metastasis", "cancer", "core")
+_COPIED_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+)  # fmt: skip
+
+
+def check_dicom_output(output_type: str, source: "DicomSource | None") -> None:
+    """Raise UsageError unless ``output_type`` can be written for this input."""
+    if output_type not in DICOM_OUTPUT_TYPES:
+        return
+    if source is None:
+        raise UsageError(
+            f"--output-type {output_type} needs a DICOM input (the output references the source "
+            "series); this input is NIfTI. Pass the DICOM series folder (or .zip), or use "
+            "--output-type nifti."
+        )
+    if source.multiframe:
+        raise UsageError(
+            f"--output-type {output_type} is not supported for enhanced multi-frame inputs yet; "
+            "expected a classic one-file-per-slice series. Use --output-type nifti."
+        )
+
+
+def _frames(mask_zyx: np.ndarray, scan: "Scan") -> np.ndarray:
+    """bool [Z, Y, X] internal -> bool [k, j, i] = (slice, row, column) of the source series."""
+    mask_ijk = scan.reorientation.to_file(np.asarray(mask_zyx, dtype=bool))
+    return np.transpose(mask_ijk, (2, 1, 0))
+
+
+def _property_codes(name: str) -> tuple[object, object]:
+    """(category, type) codes of a structure: dictionary lookup by name, generic otherwise."""
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    def lookup(key: str) -> object | None:
+        return getattr(codes.SCT, key, None) if key else None
+
+    words = name.lower().split("_")
+    if any(w in _ALTERED_WORDS for w in words):
+        category = Code("49755003", "SCT", "Morphologically Altered Structure")
+        # "liver_tumor" -> Tumor, "edema" -> Edema, "non_enhancing_core" -> Neoplasm.
+        kind = next((c for c in map(lookup, (w.capitalize() for w in reversed(words))) if c), None)
+        return category, kind or codes.SCT.Neoplasm
+    kind = lookup("".join(w.capitalize() for w in words))
+    return (codes.SCT.AnatomicalStructure, kind) if kind else (codes.SCT.Tissue, codes.SCT.Tissue)
+
+
+def dicom_seg_dataset(
+    masks_zyx: Mapping[str, np.ndarray],
+    scan: "Scan",
+    source: "DicomSource",
+    *,
+    colors: Mapping[str, Sequence[int]] | None = None,
+    series_description: str = "uniseg segmentation",
+) -> "Dataset":
+    """A DICOM SEG (highdicom Segmentation) with one segment per structure, in masks' order."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from unisegcli import __version__
+    from unisegcli.io.dicom_privacy import quiet_pydicom
+
+    check_dicom_output("dicom-seg", source)
+    names = list(masks_zyx)
+    if not names:
+        raise UsageError("no structures to write into the DICOM SEG; expected at least one.")
+    pixel_array = np.stack([_frames(masks_zyx[n], scan) for n in names], axis=-1)  # [k, j, i, S]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="uniseg", version=__version__, family=codes.DCM.ArtificialIntelligence
+    )
+    descriptions = []
+    for number, name in enumerate(names, start=1):
+        category, kind = _property_codes(name)
+        color = (colors or {}).get(name)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=name[:64],
+                segmented_property_category=category,
+                segmented_property_type=kind,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                display_color=hd.color.CIELabColor.from_rgb(*color) if color else None,
+            )
+        )
+    with quiet_pydicom():
+        seg = hd.seg.Segmentation(
+            source_images=list(source.datasets),
+            pixel_array=pixel_array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=generate_uid(),
+            series_number=901,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer="uniseg",
+            manufacturer_model_name="uniseg",
+            software_versions=__version__,
+            device_serial_number="0",
+            content_label="UNISEG",
+        )
+    seg.SeriesDescription = series_description[:64]
+    return seg
+
+
+def _contours(mask_rc: np.ndarray) -> list[np.ndarray]:
+    """Closed contours [(row, column), ...] of a 2D mask along its voxel borders."""
+    from skimage.measure import find_contours
+
+    # Pad so structures touching the border still give closed contours.
+    padded = np.pad(mask_rc.astype(np.float32), 1)
+    return [c[:-1] - 1.0 for c in find_contours(padded, 0.5) if len(c) > 3]
+
+
+def rtstruct_dataset(
+    masks_zyx: Mapping[str, np.ndarray],
+    scan: "Scan",
+    source: "DicomSource",
+    *,
+    colors: Mapping[str, Sequence[int]] | None = None,
+    series_description: str = "uniseg structures",
+) -> "Dataset":
+    """An RT Structure Set with one ROI per structure (masks' order), contours per slice."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from unisegcli import __version__
+
+    check_dicom_output("rtstruct", source)
+    try:
+        import skimage.measure  # noqa: F401  (fail before any work)
+    except ImportError as exc:
+        from unisegcli.io.dicom import DICOM_EXTRA_HINT, DicomExtraMissingError
+
+        raise DicomExtraMissingError(
+            f"--output-type rtstruct needs scikit-image for contouring; install it: {DICOM_EXTRA_HINT}"
+        ) from exc
+    first = source.datasets[0]
+    now = datetime.datetime.now()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 192")
+    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    for keyword in _COPIED_KEYWORDS:
+        setattr(ds, keyword, first.get(keyword, ""))
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 902
+    ds.SeriesDescription = series_description[:64]
+    ds.InstanceNumber = 1
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "uniseg", "uniseg", __version__
+    ds.StructureSetLabel = "UNISEG"
+    ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.ContentDate, ds.ContentTime = ds.StructureSetDate, ds.StructureSetTime
+
+    def image_ref(slice_ds: "Dataset") -> Dataset:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = slice_ds.SOPClassUID
+        ref.ReferencedSOPInstanceUID = slice_ds.SOPInstanceUID
+        return ref
+
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = source.series_instance_uid
+    series_ref.ContourImageSequence = [image_ref(s) for s in source.datasets]
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID = _STUDY_COMPONENT_SOP_CLASS
+    study_ref.ReferencedSOPInstanceUID = source.study_instance_uid
+    study_ref.RTReferencedSeriesSequence = [series_ref]
+    frame_ref = Dataset()
+    frame_ref.FrameOfReferenceUID = source.frame_of_reference_uid or ""
+    frame_ref.RTReferencedStudySequence = [study_ref]
+    ds.ReferencedFrameOfReferenceSequence = [frame_ref]
+
+    rois, contours, observations = [], [], []
+    for number, name in enumerate(masks_zyx, start=1):
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = frame_ref.FrameOfReferenceUID
+        roi.ROIName = name[:64]
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        rois.append(roi)
+        item = Dataset()
+        item.ReferencedROINumber = number
+        item.ROIDisplayColor = list((colors or {}).get(name, (255, 0, 0)))
+        slice_contours = _slice_contours(_frames(masks_zyx[name], scan), source, image_ref)
+        if slice_contours:  # an empty structure stays an ROI without contours (Type 3)
+            item.ContourSequence = slice_contours
+        contours.append(item)
+        observation = Dataset()
+        observation.ObservationNumber = number
+        observation.ReferencedROINumber = number
+        observation.RTROIInterpretedType = "ORGAN"
+        observation.ROIInterpreter = ""
+        observations.append(observation)
+    ds.StructureSetROISequence = rois
+    ds.ROIContourSequence = contours
+    ds.RTROIObservationsSequence = observations
+    return ds
+
+
+def _slice_contours(frames_kji: np.ndarray, source: "DicomSource", image_ref) -> list["Dataset"]:
+    """Contour items of one structure: LPS mm points on each source slice that holds it."""
+    from pydicom.dataset import Dataset
+
+    items = []
+    for k in np.flatnonzero(frames_kji.any(axis=(1, 2))):
+        slice_ds = source.datasets[int(k)]
+        origin = np.array([float(v) for v in slice_ds.ImagePositionPatient])
+        iop = np.array([float(v) for v in slice_ds.ImageOrientationPatient])
+        row_spacing, column_spacing = (float(v) for v in slice_ds.PixelSpacing)
+        for contour in _contours(frames_kji[k]):
+            # contour: (row, column) pixel coordinates; DICOM C.7.6.2.1.1 maps them to LPS mm.
+            points = (
+                origin[None, :]
+                + contour[:, 1:2] * column_spacing * iop[None, :3]
+                + contour[:, 0:1] * row_spacing * iop[None, 3:]
+            )
+            item = Dataset()
+            item.ContourImageSequence = [image_ref(slice_ds)]
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points)
+            item.ContourData = [f"{v:.3f}" for v in points.ravel()]
+            items.append(item)
+    return items
