@@ -42,6 +42,21 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, qcode: int = 1,
     return path
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one thread for a module of tiny convolutions.
+
+    On a busy 2-core runner, OpenMP barriers between 2 threads made such tests 50x slower;
+    one thread gives the same numbers (nnunetv2_tiny fixture README: bit-exact).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def labelled_volume() -> np.ndarray:
     """A [x, y, z] = 11×9×7 uint8 volume with a distinct value at almost every voxel."""

@@ -35,14 +35,7 @@ CASES = ["synth_lps", "realct"]
 RECORDS = {"nomirror": False, "mirror": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny convolutions: on a busy 2-core runner, OpenMP barriers between 2 threads made these
-    # tests 50x slower; 1 thread gives the same numbers (fixture README: bit-exact)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- the fixture's network

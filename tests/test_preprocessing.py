@@ -28,14 +28,7 @@ REFERENCE_CASES = ["iso_cubic", "sepz_cubic", "sepx_cubic", "target_aniso_linear
 TISSUE_EDGES_HU = [-500, -100, 100, 300]  # air | fat | soft tissue | contrast | bone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny convolutions: on a busy 2-core runner, OpenMP barriers between 2 threads made these
-    # tests 50x slower; 1 thread gives the same numbers (fixture README: bit-exact)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def card(spacing=(2.0, 1.0, 1.0), channels=("ct",), norm=None) -> TaskCard:
