@@ -104,6 +104,9 @@ class Events:
     def case_failed(self, failure: CaseFailure) -> None:
         """A case failed; the batch goes on."""
 
+    def warning(self, case_id: str, message: str) -> None:
+        """A scan is legal but suspicious for its task (see preprocessing.sanity)."""
+
     def run_finished(self, result: Result) -> None:
         """After the last case (also after an interrupt)."""
 
@@ -193,11 +196,12 @@ def segment(
             continue
         todo.append((case, folder, record))
 
-    events.run_started(card, task_cards, cases, str(torch_device))
     if not todo:  # everything done before: no model work at all
+        events.run_started(card, task_cards, cases, str(torch_device))
         events.run_finished(result)
         return result
     net = load_network(card, offline=offline)
+    events.run_started(card, task_cards, cases, str(torch_device))
     try:
         _run_cases(todo, first, task_cards, net, settings, outputs, series_uid,
                    out_root, single, result, events, torch_device)
@@ -240,7 +244,7 @@ def _run_cases(
                 loaded = current.result()
                 markers.clear_marker(folder)
                 case_result = run_case(loaded, tasks, net, folder, settings=settings, outputs=outputs,
-                                       device=device, progress=events.windows,
+                                       device=device, progress=events.windows, warn=events.warning,
                                        cohort_folder=None if single else out_root)
                 markers.write_marker(folder, record)
             except UnisegError as exc:
@@ -299,20 +303,30 @@ def predict_label_maps(
     settings: RunSettings,
     device: "torch.device",
     progress: Any = None,
+    warn: Any = None,
 ) -> dict[str, np.ndarray]:
-    """{task name: uint8 [Z, Y, X] label map} for one case, one predictor pass per channel group."""
-    from unisegcli.inference.predictor import predict_case
+    """{task name: uint8 [Z, Y, X] label map} for one case, one predictor pass per channel group.
+
+    warn(case_id, message) receives input sanity warnings (suspicious but legal scans).
+    """
+    from unisegcli.inference.predictor import network_patch_size, predict_case
+    from unisegcli.preprocessing.sanity import input_warnings
 
     groups = channel_groups(tasks)
     label_maps: dict[str, np.ndarray] = {}
     for number, group in enumerate(groups):
+        image = task_channels(loaded, group[0])
+        if warn is not None:
+            for task in group:
+                for message in input_warnings(image, loaded.scan.spacing_mm, task, network_patch_size(net)):
+                    warn(loaded.case.case_id, message)
 
         def report(done: int, total: int, _n: int = number) -> None:
             if progress is not None:  # groups count as equal shares of the case's bar
                 progress(_n * total + done, total * len(groups))
 
         label_maps.update(predict_case(
-            task_channels(loaded, group[0]),
+            image,
             loaded.scan.spacing_mm,
             group,
             net,
@@ -336,13 +350,15 @@ def run_case(
     outputs: OutputOptions,
     device: "torch.device",
     progress: Any = None,
+    warn: Any = None,
     cohort_folder: Path | None = None,
 ) -> CaseResult:
     """Predict all tasks of one case in one pass and write its outputs (all-or-nothing)."""
     from unisegcli.outputs.writer import write_case_outputs
 
     started = time.perf_counter()
-    label_maps = predict_label_maps(loaded, tasks, net, settings=settings, device=device, progress=progress)
+    label_maps = predict_label_maps(loaded, tasks, net, settings=settings, device=device, progress=progress,
+                                    warn=warn)
     masks: dict[str, np.ndarray] = {}
     task_of: dict[str, str] = {}
     for task in tasks:

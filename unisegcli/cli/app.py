@@ -36,6 +36,29 @@ class UnisegGroup(TyperGroup):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Run the command; usage errors become one red line (not a box) and exit code 2."""
+        from typer._click.exceptions import NoArgsIsHelpError
+
+        try:
+            returned = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = returned if isinstance(returned, int) else 0
+        except NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx is not None else HELP)
+            code = int(ExitCode.OK)
+        except typer.TyperException as exc:  # click usage errors: bad option, missing value
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "uniseg"
+            console.error_line(f"{exc.format_message()} (see `{where} --help`)")
+            code = int(getattr(exc, "exit_code", ExitCode.USAGE))
+        except typer.Abort:
+            console.error_line("aborted.")
+            code = int(ExitCode.INTERNAL)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)

@@ -47,6 +47,7 @@ class RunReporter(Events):
         self._cases_task: Any = None
         self._windows_task: Any = None
         self._started = time.perf_counter()
+        self.result: Result | None = None  # set by run_finished, also when a run is interrupted
 
     def run_started(self, model: "ModelCard", tasks: Sequence["TaskCard"], cases: Sequence["CaseInput"], device: str) -> None:
         if console.state.json:
@@ -71,6 +72,7 @@ class RunReporter(Events):
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=err,
+            transient=True,  # the summary table replaces the bars; an error leaves one line
         )
         self._progress.start()
         self._cases_task = self._progress.add_task("cases", total=len(cases))
@@ -113,7 +115,17 @@ class RunReporter(Events):
         if not console.state.json:
             console.error_line(f"case '{failure.case_id}' failed: {failure.message}")
 
+    def warning(self, case_id: str, message: str) -> None:
+        if console.state.json:
+            emit("warning", case_id=case_id, message=message)
+        elif not console.state.quiet:
+            printer = self._progress.console if self._progress is not None else console.stderr()
+            from rich.markup import escape
+
+            printer.print(f"[yellow]warning:[/] {escape(case_id)}: {escape(message)}", soft_wrap=True)
+
     def run_finished(self, result: Result) -> None:
+        self.result = result
         self.close()
         if console.state.json:
             emit("run_finished", done=len(result.cases), skipped=len(result.skipped), failed=len(result.failures),

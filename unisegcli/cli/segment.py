@@ -144,6 +144,13 @@ def segment_command(
             overwrite=overwrite,
             events=reporter,
         )
+    except KeyboardInterrupt:
+        # Stopped between cases or mid-case: finished cases keep their outputs and markers,
+        # the current one left nothing. Show what was done; the app exits with 130.
+        reporter.close()
+        if reporter.result is not None:
+            reporter.summary(reporter.result)
+        raise
     finally:
         reporter.close()
     reporter.summary(result)

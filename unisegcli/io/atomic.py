@@ -8,7 +8,9 @@ removed on the error path, never a partial file under a final name.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,6 +22,19 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the block runs (main thread only); they arrive right after."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager
@@ -45,8 +60,9 @@ def staged_files(folder: Path) -> Iterator[Callable[[str], Path]]:
 
     try:
         yield stage
-        for tmp, final in staged:
-            os.replace(tmp, final)
+        with _interrupts_deferred():  # Ctrl-C lands after the last rename, not between two
+            for tmp, final in staged:
+                os.replace(tmp, final)
     except OSError as exc:
         raise OutputError(
             f"cannot write into '{folder}': {exc.strerror or exc}; expected a writable folder "

@@ -243,19 +243,19 @@ def _choose_series(
     infos = sorted(
         (_describe(uid, m) for uid, m in series.items()), key=lambda s: (s.number is None, s.number or 0, s.uid)
     )
-    listing = "\n".join("  " + redact(info.line()) for info in infos)
+    listing = "; ".join(redact(info.line()) for info in infos)  # one line: errors are one line
     if series_uid is not None:
         if series_uid not in series:
             raise DicomSeriesError(
                 f"'{path}' has no series with SeriesInstanceUID '{series_uid}'; it holds "
-                f"{len(infos)} series:\n{listing}\nPass one of these UIDs.",
+                f"{len(infos)} series: {listing}. Pass one of these UIDs.",
                 infos,
             )
         return series[series_uid]
     if len(series) > 1:
         raise DicomSeriesError(
             f"'{path}' holds {len(infos)} DICOM series; expected one. Pass the folder of one series "
-            f"(its subfolder below) or choose one with --series UID:\n{listing}",
+            f"or choose one with --series UID: {listing}",
             infos,
         )
     return next(iter(series.values()))

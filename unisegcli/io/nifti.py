@@ -12,6 +12,8 @@ always atomically: a temporary name in the target folder, then ``os.replace``.
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Header sizes: NIfTI-1 = 348 bytes, NIfTI-2 = 540 bytes; both state it in the first int32.
 _NIFTI_HEADER_SIZES = (348, 540)
+MAX_SPACING_MM = 1e4
 
 
 def is_nifti_name(path: Path) -> bool:
@@ -109,24 +112,40 @@ class Scan:
 
 
 def _check_header_bytes(path: Path) -> None:
-    """Fail early, with a clear message, on files that are not NIfTI at all."""
+    """Fail early, with a clear message, on files that are not NIfTI at all or whose raw
+    voxel sizes are unusable (nibabel would silently replace 0 by 1 and negatives by abs)."""
+    import nibabel as nib
+
     try:
         with path.open("rb") as raw:
             magic = raw.read(2)
         opener = gzip.open if magic == b"\x1f\x8b" else open
         with opener(path, "rb") as fh:  # type: ignore[operator]
-            head = fh.read(4)
+            head = fh.read(540)
     except (OSError, EOFError, zlib.error) as exc:
         raise ImageFormatError(
             f"cannot read '{path}': {exc}; expected a NIfTI file (.nii or .nii.gz). "
             "Check that the file is complete (re-copy or re-export it)."
         ) from exc
-    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")} if len(head) == 4 else set()
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")} if len(head) >= 4 else set()
     if not sizes & set(_NIFTI_HEADER_SIZES):
         what = "an empty file" if not head else "not a NIfTI file"
         raise ImageFormatError(
             f"'{path}' is {what}; expected a NIfTI image (.nii or .nii.gz). "
             "Convert DICOM or other formats to NIfTI first, or pass a DICOM folder."
+        )
+    header_class = nib.Nifti1Header if 348 in sizes else nib.Nifti2Header
+    try:
+        header = header_class.from_fileobj(io.BytesIO(head), check=False)
+        ndim = int(header["dim"][0])
+        spacing = [float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 1), 3)]]
+    except Exception:  # an unreadable header is reported by nib.load with its own message
+        return
+    if not all(np.isfinite(v) and 0 < v < MAX_SPACING_MM for v in spacing):
+        raise ImageValueError(
+            f"'{path}' has voxel spacing {tuple(spacing)} mm in its header (pixdim); expected "
+            f"positive finite spacings below {MAX_SPACING_MM / 1000:g} m. Fix the header (pixdim) "
+            "of the file, e.g. re-export it from the scanner or PACS."
         )
 
 
@@ -140,6 +159,9 @@ def load_nifti(path: Path) -> "nib.Nifti1Image":
     if path.is_dir():
         raise InputNotFoundError(f"input '{path}' is a folder; expected a NIfTI file here.")
     _check_header_bytes(path)
+    # nibabel logs header fixes on the root of its logger tree; our one-line errors and the
+    # checks above say what matters, so keep its messages off the user's stderr.
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
     try:
         image = nib.load(str(path))
     except Exception as exc:  # nibabel raises several unrelated types for bad headers
@@ -187,7 +209,7 @@ def _spatial_checks(image: "nib.Nifti1Image", path: Path) -> tuple[int, ...]:
     if min(shape) == 0:
         raise ImageShapeError(f"'{path}' has an empty axis (shape {shape}); expected every axis ≥ 1.")
     zooms = image.header.get_zooms()[:3]
-    if not all(np.isfinite(z) and 0 < z < 1e4 for z in zooms):
+    if not all(np.isfinite(z) and 0 < z < MAX_SPACING_MM for z in zooms):
         raise ImageValueError(
             f"'{path}' has voxel spacing {tuple(float(z) for z in zooms)} mm; expected positive "
             "finite spacings below 10 m. Fix the header (pixdim)."
