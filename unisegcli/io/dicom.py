@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from unisegcli.errors import (
     InputNotFoundError,
     UsageError,
 )
+from unisegcli.io.archive import unsafe_member
 from unisegcli.io.dicom_privacy import Redactor, quiet_pydicom
 from unisegcli.io.dicom_series import (  # noqa: F401  (the geometry errors are re-exported)
     DicomGeometryError,
@@ -164,17 +164,13 @@ def extract_zip(archive: Path, target: Path) -> Path:
         total = 0
         plan: list[tuple[zipfile.ZipInfo, Path]] = []
         for info in entries:
-            name = info.filename.replace("\\", "/")
-            parts = PurePosixPath(name).parts
-            unsafe = (
-                name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts
-                or stat.S_ISLNK(info.external_attr >> 16)
-            )  # fmt: skip
-            if unsafe:
+            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+            reason = unsafe_member(info)
+            if reason is not None:
                 raise DicomArchiveError(
-                    f"'{archive}' has an unsafe entry '{info.filename}' (absolute path, '..' or "
-                    "link); expected plain relative file names. Nothing was extracted; "
-                    "re-create the archive from the series folder."
+                    f"'{archive}' has an unsafe entry '{info.filename}' ({reason}); expected plain "
+                    "relative file names. Nothing was extracted; re-create the archive from the "
+                    "series folder."
                 )
             total += info.file_size
             if total > MAX_ARCHIVE_BYTES:

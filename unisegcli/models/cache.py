@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 import time
 import zipfile
@@ -30,6 +29,7 @@ from typing import IO, Iterator
 
 from unisegcli.errors import ArchiveError, ChecksumError, OfflineError, WeightsError
 from unisegcli.models.cards import FileCard, ModelCard
+from unisegcli.io.archive import unsafe_member
 from unisegcli.models.safe_pickle import looks_like_html
 
 MANIFEST_NAME = "manifest.json"
@@ -294,19 +294,6 @@ def model_lock(card: ModelCard, *, on_wait: IO[str] | None = None) -> Iterator[P
         lock.release()
 
 
-def _unsafe_member(info: zipfile.ZipInfo) -> str | None:
-    """Why a zip member must not be extracted, or None."""
-    name = info.filename
-    parts = re.split(r"[\\/]", name)
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return "absolute path"
-    if ".." in parts:
-        return "'..' in its path"
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return "symbolic link"
-    return None
-
-
 def _candidates(card: ModelCard, source: Path) -> dict[str, list]:
     """Map each of the model's file names to the matching paths/zip members in ``source``."""
     names = {f.name for f in card.files}
@@ -324,7 +311,7 @@ def _candidates(card: ModelCard, source: Path) -> dict[str, list]:
                 members = archive.infolist()
         except (OSError, zipfile.BadZipFile) as exc:
             raise ArchiveError(f"cannot read {source} as a .zip archive: {exc}") from exc
-        unsafe = [f"'{m.filename}' ({why})" for m in members if (why := _unsafe_member(m))]
+        unsafe = [f"'{m.filename}' ({why})" for m in members if (why := unsafe_member(m))]
         if unsafe:
             raise ArchiveError(
                 f"refusing to import {source}: unsafe members {', '.join(unsafe)}; expected plain "
