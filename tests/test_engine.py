@@ -279,6 +279,23 @@ def test_cuda_autocast_matches_cpu() -> None:
             torch.testing.assert_close(b.cpu(), a, rtol=0, atol=tol)
 
 
+def test_auto_batch_size_is_one_on_cpu() -> None:
+    from unisegcli.inference.engine import auto_batch_size
+
+    assert auto_batch_size(TwoStage(), PATCH, 1, [Head(0, 3)], torch.device("cpu")) == 1
+
+
+@pytest.mark.gpu
+def test_auto_batch_size_on_cuda_fits_free_memory() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from unisegcli.inference.engine import MAX_AUTO_BATCH, auto_batch_size
+
+    net = TwoStage().cuda()
+    batch = auto_batch_size(net, PATCH, 1, [Head(0, 3)], torch.device("cuda"), "fp16")
+    assert 1 <= batch <= MAX_AUTO_BATCH
+
+
 # ---------------------------------------------------------------- predict_case
 
 

@@ -194,6 +194,42 @@ def predict_windows(
     return sums  # type: ignore[return-value]
 
 
+MAX_AUTO_BATCH = 16
+GPU_MEMORY_SHARE = 0.6  # of the free memory after one probe window; leaves room for the rest
+
+
+def auto_batch_size(
+    net: Any,
+    patch_size: Sequence[int],
+    in_channels: int,
+    heads: Sequence[Head],
+    device: "torch.device",
+    precision: str = "auto",
+) -> int:
+    """Windows per forward when --batch-size is not given.
+
+    CPU (and MPS): 1 — larger batches do not make CPU convolutions faster, only use memory.
+    CUDA: one probe window measures the peak memory a window needs (at the run's precision),
+    then as many windows as fit in GPU_MEMORY_SHARE of the free memory, at most MAX_AUTO_BATCH.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return 1
+    autocast = autocast_dtype(precision, device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    probe = torch.zeros((1, in_channels, *patch_size), device=device)
+    with torch.inference_mode():
+        predict_windows(net, probe, heads, autocast=autocast)
+    per_window = max(torch.cuda.max_memory_allocated(device) - before, 1)
+    del probe
+    torch.cuda.empty_cache()
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(MAX_AUTO_BATCH, (free_bytes * GPU_MEMORY_SHARE) // per_window)))
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

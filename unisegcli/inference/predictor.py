@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from unisegcli.errors import UsageError
-from unisegcli.inference.engine import Head, Progress, resolve_device, sliding_window
+from unisegcli.inference.engine import Head, Progress, auto_batch_size, resolve_device, sliding_window
 from unisegcli.inference.tiling import compute_steps, padding_for_patch
 from unisegcli.postprocessing.restore import restore_label_map
 from unisegcli.preprocessing.crop import nonzero_bbox
@@ -74,7 +74,8 @@ def predict_case(
     image_czyx: [C, Z, Y, X] array, channels in the task cards' order, intensities in
     scanner units; spacing_mm: (z, y, x). net: UniSeg-like (``encode``/``decode``) or
     ``net(x, task_index)``; moved to ``device`` and put in eval mode. batch_size: windows
-    per forward (None: 1). progress(done, total) counts windows over all groups.
+    per forward (None: 1 on CPU, measured from free memory on CUDA, see auto_batch_size).
+    progress(done, total) counts windows over all groups.
 
     Returns {task name: uint8 [Z, Y, X] label map (0 = background, 1..n_k-1 = the card's
     labels)}. A channel mismatch raises ChannelError; an unavailable device DeviceError.
@@ -89,7 +90,6 @@ def predict_case(
     patch = network_patch_size(net, patch_size)
     if isinstance(net, torch.nn.Module):
         net.to(torch_device).eval()
-    batch = 1 if batch_size is None else int(batch_size)
 
     bbox = nonzero_bbox(image_czyx)
     cropped_shape = tuple(hi - lo for lo, hi in bbox)
@@ -108,13 +108,16 @@ def predict_case(
                 progress(_offset + done, total)
 
         volume, trace = preprocess(image_czyx, spacing_mm, group[0], torch_device, bbox=bbox)
+        heads = [Head(t.index, t.num_classes) for t in group]
+        if batch_size is None:  # measured once per run on CUDA, 1 on CPU
+            batch_size = auto_batch_size(net, patch, volume.shape[0], heads, torch_device, precision)
         probabilities = sliding_window(
             volume,
             net,
             patch,
-            heads=[Head(t.index, t.num_classes) for t in group],
+            heads=heads,
             step=step,
-            batch_size=batch,
+            batch_size=batch_size,
             tta=tta,
             precision=precision,
             activation="softmax",
