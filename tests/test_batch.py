@@ -181,3 +181,24 @@ def test_two_processes_with_different_shards_share_one_folder(tmp_path: Path) ->
     rows = list(csv.DictReader(io.StringIO((out / "statistics.csv").read_text())))
     keys = [(r["case_id"], r["structure"]) for r in rows]
     assert len(keys) == len(set(keys)) == 12
+
+
+def test_out_of_memory_is_one_failed_case_not_a_crash(tmp_path: Path, threshold_net, monkeypatch) -> None:
+    """A case that runs out of memory is recorded (exit code 5 in its entry); the others finish."""
+    make_cohort(tmp_path / "in", count=3)
+    real_decode = threshold_net.decode
+    seen = {"cases": 0}
+
+    def decode(features, task_index):
+        if features.shape[2:] and float(features[0, 0].max()) > 0.9 and seen["cases"] == 0:
+            seen["cases"] += 1
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(features, task_index)
+
+    monkeypatch.setattr(threshold_net, "decode", decode)
+    out = tmp_path / "out"
+    result = runner.invoke(app, [str(tmp_path / "in"), "-o", str(out), "--tasks", "liver", "--json"])
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 1 and failures[0]["error"] == "DeviceError"
+    assert failures[0]["exit_code"] == ExitCode.RUNTIME and "out of memory" in failures[0]["message"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
 import numpy as np
 
-from unisegcli.errors import ExitCode, UnisegError, UsageError
+from unisegcli.errors import DeviceError, ExitCode, UnisegError, UsageError
 from unisegcli.io.cases import LoadedCase, channel_groups, read_case, task_channels
 from unisegcli.io.discovery import CaseInput, discover
 from unisegcli.io.nifti import check_output_dir
@@ -175,14 +175,6 @@ def segment(
 
         torch.set_num_threads(threads)
 
-    # A single case is read (and its channels checked) before the slow weights load, so a
-    # bad scan fails fast with its own exit code.
-    first: LoadedCase | None = None
-    if single:
-        first = read_case(cases[0], series_uid)
-        for task in task_cards:
-            task_channels(first, task)
-
     result = Result(model=card, tasks=task_cards, device=str(torch_device), output=out_root)
     options_record = {"outputs": asdict(outputs), "step": step, "tta": tta}
     todo: list[tuple[CaseInput, Path, dict[str, Any]]] = []
@@ -200,6 +192,13 @@ def segment(
         events.run_started(card, task_cards, cases, str(torch_device))
         events.run_finished(result)
         return result
+    # A single case is read (and its channels checked) before the slow weights load, so a
+    # bad scan fails fast with its own exit code.
+    first: LoadedCase | None = None
+    if single:
+        first = read_case(todo[0][0], series_uid)
+        for task in task_cards:
+            task_channels(first, task)
     net = load_network(card, offline=offline)
     events.run_started(card, task_cards, cases, str(torch_device))
     try:
@@ -251,13 +250,6 @@ def _run_cases(
                 if single:
                     raise
                 _record_failure(result, events, out_root, case, type(exc).__name__, str(exc), int(exc.exit_code))
-                continue
-            except MemoryError:
-                if single:
-                    raise
-                _record_failure(result, events, out_root, case, "MemoryError",
-                                "out of memory; lower --batch-size or use a machine with more memory",
-                                int(ExitCode.RUNTIME))
                 continue
             case_result.seconds = time.perf_counter() - started
             result.cases.append(case_result)
@@ -357,8 +349,17 @@ def run_case(
     from unisegcli.outputs.writer import write_case_outputs
 
     started = time.perf_counter()
-    label_maps = predict_label_maps(loaded, tasks, net, settings=settings, device=device, progress=progress,
-                                    warn=warn)
+    try:
+        label_maps = predict_label_maps(loaded, tasks, net, settings=settings, device=device,
+                                        progress=progress, warn=warn)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(exc, MemoryError) and "out of memory" not in str(exc).lower():
+            raise
+        raise DeviceError(
+            f"out of memory on {device} while segmenting '{loaded.case.case_id}' "
+            f"(batch size {settings.batch_size or 'auto'}); expected the windows to fit. Lower "
+            "--batch-size, use --precision fp16 on a GPU, or run on a machine with more memory."
+        ) from exc
     masks: dict[str, np.ndarray] = {}
     task_of: dict[str, str] = {}
     for task in tasks:
