@@ -112,7 +112,7 @@ def threshold_net(monkeypatch) -> ThresholdNet:
     import unisegcli.api
 
     net = ThresholdNet()
-    monkeypatch.setattr(unisegcli.api, "load_network", lambda card, offline=False: net)
+    monkeypatch.setattr(unisegcli.api, "load_network", lambda card, **kwargs: net)
     return net
 
 

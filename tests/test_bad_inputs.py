@@ -292,7 +292,7 @@ def test_sigint_during_a_batch_stops_cleanly(tmp_path: Path) -> None:
         "    def decode(self, f, t):\n"
         "        time.sleep(0.4)\n"
         "        return super().decode(f, t)\n"
-        "unisegcli.api.load_network = lambda card, offline=False: Slow()\n"
+        "unisegcli.api.load_network = lambda card, **kwargs: Slow()\n"
     )
     out = tmp_path / "out"
     proc = subprocess.Popen(

@@ -165,7 +165,7 @@ def test_two_processes_with_different_shards_share_one_folder(tmp_path: Path) ->
         "import sys\n"
         f"sys.path.insert(0, {str(tests_dir)!r})\n"
         "import unisegcli.api, conftest\n"
-        "unisegcli.api.load_network = lambda card, offline=False: conftest.ThresholdNet()\n"
+        "unisegcli.api.load_network = lambda card, **kwargs: conftest.ThresholdNet()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(hook)}
     script = str(Path(sys.executable).with_name("uniseg"))

@@ -134,3 +134,36 @@ def test_real_network_end_to_end_subprocess(tmp_path: Path, tiny_model: str) -> 
         img = nib.load(path)
         assert img.shape == (24, 20, 6)
         np.testing.assert_array_equal(img.affine, nib.load(str(src)).affine)
+
+
+def test_first_use_downloads_after_showing_the_license(tmp_path: Path, httpserver, monkeypatch) -> None:
+    """The main command fetches a missing model from its URLs (loopback here), once."""
+    import copy
+    import hashlib
+
+    from unisegcli.models.cards import REGISTRY_PATH
+
+    tiny = Path(__file__).parent / "data" / "uniseg_tiny"
+    files = []
+    for name, role in (("model_final_checkpoint.model", "checkpoint"), ("plans.pkl", "plans")):
+        blob = (tiny / name).read_bytes()
+        httpserver.expect_request(f"/{name}").respond_with_data(blob, content_type="application/octet-stream")
+        files.append({"name": name, "role": role, "urls": [httpserver.url_for(f"/{name}")],
+                      "sha256": hashlib.sha256(blob).hexdigest(), "size_bytes": len(blob)})
+    shipped = json.loads(REGISTRY_PATH.read_text())
+    model = copy.deepcopy(shipped["models"]["uniseg"])
+    model.update(version="t", network=None, files=files, license="Test License 1.0")
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"schema_version": 1, "task_sets": shipped["task_sets"], "models": {"web": model}}))
+    monkeypatch.setenv("UNISEG_REGISTRY", str(registry))
+    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
+    src = save_nifti(tmp_path / "ct.nii.gz", phantom_ct(shape=(24, 20, 6)), lps_aniso_affine())
+    args = [str(src), "-o", str(tmp_path / "out"), "--model", "web", "--tasks", "spleen"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "license: Test License 1.0" in result.stderr
+    assert (tmp_path / "home" / "models" / "web" / "t" / "plans.pkl").exists()
+    served = len(httpserver.log)
+    again = runner.invoke(app, [*args, "--overwrite"])
+    assert again.exit_code == 0 and "license" not in again.stderr
+    assert len(httpserver.log) == served  # cached: no second download

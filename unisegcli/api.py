@@ -86,6 +86,11 @@ class Result:
 class Events:
     """Progress hooks the API calls; the CLI subclasses this for bars and JSON events."""
 
+    quiet = True  # no download progress bar unless a subclass shows progress
+
+    def downloading(self, model: ModelCard) -> None:
+        """Before the first download of a model's weights (show its license)."""
+
     def run_started(self, model: ModelCard, tasks: Sequence[TaskCard], cases: Sequence[CaseInput], device: str) -> None:
         """Before the first case."""
 
@@ -170,6 +175,9 @@ def segment(
     single = len(all_cases) == 1
     out_root = check_output_dir(Path(output))
     torch_device = resolve_device(device)
+    from unisegcli.inference.engine import autocast_dtype
+
+    autocast_dtype(precision, torch_device)  # an unknown or unsupported precision fails now
     if threads:
         import torch
 
@@ -199,7 +207,7 @@ def segment(
         first = read_case(todo[0][0], series_uid)
         for task in task_cards:
             task_channels(first, task)
-    net = load_network(card, offline=offline)
+    net = load_network(card, offline=offline, events=events)
     events.run_started(card, task_cards, cases, str(torch_device))
     try:
         _run_cases(todo, first, task_cards, net, settings, outputs, series_uid,
@@ -272,11 +280,20 @@ def resolve_device(spec: str) -> "torch.device":
     return _resolve(spec)
 
 
-def load_network(card: ModelCard, *, offline: bool = False) -> Any:
-    """Fetch (or find) the model's files and build its network in eval mode on the CPU."""
-    from unisegcli.models.download import ensure_model
+def load_network(card: ModelCard, *, offline: bool = False, events: Events | None = None) -> Any:
+    """Fetch (or find) the model's files and build its network in eval mode on the CPU.
 
-    files = ensure_model(card, offline=offline, quiet=True)
+    A first use downloads the missing files (unless offline), after ``events.downloading``
+    has shown the model's license; the download bar is shown unless ``events.quiet``.
+    """
+    from unisegcli.models import cache
+    from unisegcli.models.download import ensure_model, offline_from_env
+
+    events = events or Events()
+    offline = offline or offline_from_env()
+    if not offline and not card.packaged and cache.missing_files(card):
+        events.downloading(card)
+    files = ensure_model(card, offline=offline, quiet=events.quiet)
     if card.family == "uniseg":
         from unisegcli.models import load_uniseg
 

@@ -49,6 +49,19 @@ class RunReporter(Events):
         self._started = time.perf_counter()
         self.result: Result | None = None  # set by run_finished, also when a run is interrupted
 
+    @property
+    def quiet(self) -> bool:  # type: ignore[override]
+        return console.state.silent
+
+    def downloading(self, model: "ModelCard") -> None:
+        if console.state.json:
+            emit("download_started", model=model.name, version=model.version, license=model.license)
+        if not console.state.quiet:
+            console.stderr().print(
+                f"downloading model '{model.name}' {model.version} (first use) · license: {model.license}",
+                soft_wrap=True, highlight=False, markup=False,
+            )
+
     def run_started(self, model: "ModelCard", tasks: Sequence["TaskCard"], cases: Sequence["CaseInput"], device: str) -> None:
         if console.state.json:
             emit("run_started", model=model.name, version=model.version, tasks=[t.name for t in tasks],

@@ -11,7 +11,7 @@ import typer
 from unisegcli.cli import console
 
 DEVICE_HELP = "Where to run: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
-INPUT = "Input"
+INPUT = "Main"
 ENGINE = "Engine"
 OUTPUT = "Outputs"
 BATCH = "Batch and HPC"
@@ -33,7 +33,7 @@ def segment_command(
     output: Annotated[
         Path,
         typer.Option("--output", "-o", help="Folder for the results (created if missing).", show_default=False,
-                     rich_help_panel=OUTPUT),
+                     rich_help_panel=INPUT),
     ] = ...,  # type: ignore[assignment]
     tasks: Annotated[
         str,
