@@ -1,6 +1,7 @@
 """How long `uniseg --help` takes, as a ratio to a bare `python -c pass` in the same run.
 
 Goal: `uniseg --help` under 0.5 s (heavy imports such as torch and nibabel are lazy).
+The commands are timed in rotating order (median of --repeat, after one warm-up run each).
 Prints a small table and writes benchmarks/results/startup.json.
 
     .venv/bin/python benchmarks/startup.py [--repeat 7]
@@ -8,55 +9,44 @@ Prints a small table and writes benchmarks/results/startup.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def wall_seconds(cmd: list[str], repeat: int) -> float:
-    """Median wall time of ``cmd`` over ``repeat`` runs (after one warm-up run)."""
-    subprocess.run(cmd, capture_output=True, check=True)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(cmd, capture_output=True, check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+import common
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=7, help="timed runs per command")
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.set_defaults(repeat=7)
     args = parser.parse_args()
+    machine = common.machine_record(common.setup(args))  # --device only goes into the record
     script = str(Path(sys.executable).with_name("uniseg"))
-    baseline = wall_seconds([sys.executable, "-c", "pass"], args.repeat)
-    rows = {
-        "python -c pass": baseline,
-        "uniseg --help": wall_seconds([script, "--help"], args.repeat),
-        "uniseg tasks": wall_seconds([script, "tasks"], args.repeat),
+    commands = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "uniseg --help": [script, "--help"],
+        "uniseg tasks": [script, "tasks"],
     }
-    print(f"{'command':<18} {'median s':>9} {'ratio':>7}")
-    for name, seconds in rows.items():
-        print(f"{name:<18} {seconds:>9.3f} {seconds / baseline:>7.1f}")
-    verdict = "meets" if rows["uniseg --help"] < 0.5 else "MISSES"
-    print(f"`uniseg --help` {verdict} the 0.5 s goal")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "startup.json").write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "seconds": rows,
-        "ratio_help_to_python": rows["uniseg --help"] / baseline,
-    }, indent=2) + "\n")
+    runs = {name: (lambda cmd=cmd: subprocess.run(cmd, capture_output=True, check=True))
+            for name, cmd in commands.items()}
+    for run in runs.values():
+        run()  # warm-up: file cache, .pyc
+    times = common.alternate(runs, args.repeat, log=False)
+    seconds = {name: common.median(t) for name, t in times.items()}
+    common.finish_record(machine)
+    baseline = seconds["python -c pass"]
+    print(common.machine_line(machine))
+    common.print_table(["command", "median s", "ratio"],
+                       [[name, s, s / baseline] for name, s in seconds.items()])
+    met = seconds["uniseg --help"] < 0.5
+    print(f"`uniseg --help` < 0.5 s: {common.verdict(met)}")
+    common.write_result(common.result_name("startup", args), {
+        "machine": machine,
+        "seconds": seconds,
+        "all_seconds": times,
+        "ratio_help_to_python": seconds["uniseg --help"] / baseline,
+        "targets": {"help_under_0.5s": {"value": seconds["uniseg --help"], "met": met}},
+    })
 
 
 if __name__ == "__main__":
