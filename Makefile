@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 demo: venv
 	$(VENV)/bin/uniseg examples/example_ct.nii.gz -o out/demo --model uniseg-demo \
-		--tasks liver,spleen,kidney,pancreas
+		--tasks liver,spleen,kidney,pancreas --preview
 
 test: venv
 	$(PY) -m pytest -m "not slow and not gpu and not network" $(PYTEST_ARGS)
