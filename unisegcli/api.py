@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 import numpy as np
 
 from unisegcli.errors import DeviceError, ExitCode, UnisegError, UsageError
-from unisegcli.io.cases import LoadedCase, channel_groups, read_case, task_channels
+from unisegcli.io.cases import LoadedCase, read_case, task_channels
 from unisegcli.io.discovery import CaseInput, discover
 from unisegcli.io.nifti import check_output_dir
 from unisegcli.io.sharding import parse_shard, select_shard
 from unisegcli.models.cards import ModelCard, TaskCard, get_model
+from unisegcli.models.families import resolve_tasks
 from unisegcli.outputs import markers
 from unisegcli.outputs.writer import OutputOptions
 
@@ -125,6 +126,11 @@ class RunSettings:
     step: float = 0.5
     tta: bool = False
     precision: str = "auto"
+    # Family-specific (None: the family's own default; other families ignore them).
+    modality: str | None = None  # ct, mri or pet (SAT's prompts)
+    folds: tuple[int, ...] | None = None  # nnU-Net folds to average
+    nnunet_exact: bool = False  # nnU-Net's own float16 accumulation
+    gaussian: bool | None = None  # Gaussian window blending (Hermes: off by default)
 
 
 def segment(
@@ -148,6 +154,10 @@ def segment(
     overwrite: bool = False,
     events: Events | None = None,
     stdin: TextIO | None = None,
+    modality: str | None = None,
+    folds: Sequence[int] | None = None,
+    nnunet_exact: bool = False,
+    gaussian: bool | None = None,
 ) -> Result:
     """Segment scans with a registry model; write masks, statistics and other outputs.
 
@@ -159,13 +169,15 @@ def segment(
     events = events or Events()
     outputs = outputs or OutputOptions()
     outputs.check()
-    settings = RunSettings(device, batch_size, step, tta, precision)
+    settings = RunSettings(device, batch_size, step, tta, precision, modality=modality,
+                           folds=tuple(folds) if folds is not None else None,
+                           nnunet_exact=nnunet_exact, gaussian=gaussian)
     if not 0 < step <= 1:
         raise UsageError(f"--step is {step}; expected a fraction of the patch in (0, 1], e.g. 0.5.")
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     card = get_model(model)
-    task_cards = card.resolve_tasks(list(tasks) if not isinstance(tasks, str) else tasks)
+    task_cards = resolve_tasks(card, tasks)
     shard_spec = parse_shard(shard)
     all_cases = discover(
         list(inputs), input_list=input_list, channels=channels,
@@ -207,11 +219,11 @@ def segment(
         first = read_case(todo[0][0], series_uid)
         for task in task_cards:
             task_channels(first, task)
-    net = load_network(card, offline=offline, events=events)
+    net = load_network(card, offline=offline, events=events, settings=settings, tasks=task_cards)
     events.run_started(card, task_cards, cases, str(torch_device))
     try:
         _run_cases(todo, first, task_cards, net, settings, outputs, series_uid,
-                   out_root, single, result, events, torch_device)
+                   out_root, single, result, events, torch_device, card.family)
     except KeyboardInterrupt:
         result.interrupted = True
         events.run_finished(result)
@@ -233,6 +245,7 @@ def _run_cases(
     result: Result,
     events: Events,
     device: "torch.device",
+    family: str = "uniseg",
 ) -> None:
     """Run each case; the next case is read on a background thread meanwhile."""
 
@@ -252,7 +265,7 @@ def _run_cases(
                 markers.clear_marker(folder)
                 case_result = run_case(loaded, tasks, net, folder, settings=settings, outputs=outputs,
                                        device=device, progress=events.windows, warn=events.warning,
-                                       cohort_folder=None if single else out_root)
+                                       cohort_folder=None if single else out_root, family=family)
                 markers.write_marker(folder, record)
             except UnisegError as exc:
                 if single:
@@ -280,28 +293,32 @@ def resolve_device(spec: str) -> "torch.device":
     return _resolve(spec)
 
 
-def load_network(card: ModelCard, *, offline: bool = False, events: Events | None = None) -> Any:
+def load_network(
+    card: ModelCard,
+    *,
+    offline: bool = False,
+    events: Events | None = None,
+    settings: RunSettings | None = None,
+    tasks: Sequence[TaskCard] = (),
+) -> Any:
     """Fetch (or find) the model's files and build its network in eval mode on the CPU.
 
     A first use downloads the missing files (unless offline), after ``events.downloading``
-    has shown the model's license; the download bar is shown unless ``events.quiet``.
+    has shown the model's license; the download bar is shown unless ``events.quiet``. Only
+    the files the family needs for ``tasks`` are fetched (all of them by default).
     """
     from unisegcli.models import cache
     from unisegcli.models.download import ensure_model, offline_from_env
+    from unisegcli.models.families import family_module, needed_roles
 
     events = events or Events()
     offline = offline or offline_from_env()
-    if not offline and not card.packaged and cache.missing_files(card):
+    family = family_module(card.family)  # an unsupported family fails before any download
+    roles = needed_roles(card, tasks) if tasks else None
+    if not offline and not card.packaged and cache.missing_files(card, roles=roles):
         events.downloading(card)
-    files = ensure_model(card, offline=offline, quiet=events.quiet)
-    if card.family == "uniseg":
-        from unisegcli.models import load_uniseg
-
-        return load_uniseg(files["checkpoint"], files.get("plans"))
-    raise UsageError(
-        f"model '{card.name}' is of family '{card.family}', which this version cannot run; "
-        "expected family 'uniseg'. Upgrade uniseg or pick another model (`uniseg models`)."
-    )
+    files = ensure_model(card, offline=offline, quiet=events.quiet, roles=roles)
+    return family.load(card, files, settings=settings or RunSettings(), tasks=tasks)
 
 
 def predict_label_maps(
@@ -313,40 +330,16 @@ def predict_label_maps(
     device: "torch.device",
     progress: Any = None,
     warn: Any = None,
+    family: str = "uniseg",
 ) -> dict[str, np.ndarray]:
-    """{task name: uint8 [Z, Y, X] label map} for one case, one predictor pass per channel group.
+    """{task name: uint8 [Z, Y, X] label map} for one case, by the model family's predictor.
 
     warn(case_id, message) receives input sanity warnings (suspicious but legal scans).
     """
-    from unisegcli.inference.predictor import network_patch_size, predict_case
-    from unisegcli.preprocessing.sanity import input_warnings
+    from unisegcli.models.families import family_module
 
-    groups = channel_groups(tasks)
-    label_maps: dict[str, np.ndarray] = {}
-    for number, group in enumerate(groups):
-        image = task_channels(loaded, group[0])
-        if warn is not None:
-            for task in group:
-                for message in input_warnings(image, loaded.scan.spacing_mm, task, network_patch_size(net)):
-                    warn(loaded.case.case_id, message)
-
-        def report(done: int, total: int, _n: int = number) -> None:
-            if progress is not None:  # groups count as equal shares of the case's bar
-                progress(_n * total + done, total * len(groups))
-
-        label_maps.update(predict_case(
-            image,
-            loaded.scan.spacing_mm,
-            group,
-            net,
-            device=device,
-            batch_size=settings.batch_size,
-            step=settings.step,
-            tta=settings.tta,
-            precision=settings.precision,
-            progress=report,
-        ))
-    return label_maps
+    return family_module(family).predict(loaded, tasks, net, settings=settings, device=device,
+                                         progress=progress, warn=warn)
 
 
 def run_case(
@@ -361,6 +354,7 @@ def run_case(
     progress: Any = None,
     warn: Any = None,
     cohort_folder: Path | None = None,
+    family: str = "uniseg",
 ) -> CaseResult:
     """Predict all tasks of one case in one pass and write its outputs (all-or-nothing)."""
     from unisegcli.outputs.writer import write_case_outputs
@@ -368,7 +362,7 @@ def run_case(
     started = time.perf_counter()
     try:
         label_maps = predict_label_maps(loaded, tasks, net, settings=settings, device=device,
-                                        progress=progress, warn=warn)
+                                        progress=progress, warn=warn, family=family)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(exc, MemoryError) and "out of memory" not in str(exc).lower():
             raise

@@ -109,20 +109,15 @@ def tasks_command(model: ModelOption = "uniseg") -> None:
     from rich.table import Table
 
     from unisegcli.models.cards import get_model
+    from unisegcli.models.families import task_table
 
     card = get_model(model)
+    columns, rows = task_table(card)
     table = Table(title=f"Tasks of model '{card.name}' ({card.version})")
-    for col in ("task", "aliases", "modality", "channels (in order)", "structures", "spacing mm (z, y, x)"):
+    for col in columns:
         table.add_column(col)
-    for task in card.tasks:
-        table.add_row(
-            task.name,
-            ", ".join(task.aliases),
-            task.modality,
-            ", ".join(task.channels),
-            ", ".join(task.structures),
-            " × ".join(f"{s:g}" for s in task.spacing_mm),
-        )
+    for row in rows:
+        table.add_row(*row)
     console.stdout().print(table)
 
 

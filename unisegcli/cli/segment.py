@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from unisegcli.cli import console
+from unisegcli.errors import UsageError
 
 DEVICE_HELP = "Where to run: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 INPUT = "Main"
@@ -65,6 +66,19 @@ def segment_command(
         rich_help_panel=ENGINE)] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: "
                                                    "all cores).", rich_help_panel=ENGINE)] = None,
+    modality: Annotated[Optional[str], typer.Option(
+        "--modality", help="ct, mri or pet: the scan's modality for text-prompted models (SAT); default: "
+        "guessed from the intensities, with a warning.", rich_help_panel=ENGINE)] = None,
+    folds: Annotated[Optional[str], typer.Option(
+        "--folds", help="nnU-Net models: comma-separated folds to average, e.g. 0,1,2 (default: the "
+        "model's folds).", rich_help_panel=ENGINE)] = None,
+    nnunet_exact: Annotated[bool, typer.Option(
+        "--nnunet-exact", help="nnU-Net models: accumulate windows in float16 exactly as nnU-Net does "
+        "(default: float32).", rich_help_panel=ENGINE)] = False,
+    gaussian: Annotated[Optional[bool], typer.Option(
+        "--gaussian/--no-gaussian", help="Gaussian weighting of overlapping windows (default: the "
+        "model family's own choice; Hermes averages plainly).", rich_help_panel=ENGINE,
+        show_default=False)] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never download; use only weights already in the "
                                           "cache (also UNISEG_OFFLINE=1).", rich_help_panel=ENGINE)] = False,
     structures: Annotated[Optional[str], typer.Option(
@@ -143,6 +157,10 @@ def segment_command(
             shard=shard,
             overwrite=overwrite,
             events=reporter,
+            modality=modality,
+            folds=_parse_folds(folds),
+            nnunet_exact=nnunet_exact,
+            gaussian=gaussian,
         )
     except KeyboardInterrupt:
         # Stopped between cases or mid-case: finished cases keep their outputs and markers,
@@ -155,3 +173,16 @@ def segment_command(
         reporter.close()
     reporter.summary(result)
     raise typer.Exit(int(result.exit_code))
+
+
+def _parse_folds(text: str | None) -> list[int] | None:
+    """"0,1,2" -> [0, 1, 2]; anything else is a one-line usage error."""
+    if text is None:
+        return None
+    try:
+        folds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        folds = []
+    if not folds or min(folds) < 0:
+        raise UsageError(f"--folds is '{text}'; expected comma-separated fold numbers such as 0,1,2.")
+    return folds

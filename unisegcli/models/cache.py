@@ -25,7 +25,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Collection, Iterator
 
 from unisegcli.errors import ArchiveError, ChecksumError, OfflineError, WeightsError
 from unisegcli.models.cards import FileCard, ModelCard
@@ -156,10 +156,15 @@ def expected_sha256(file: FileCard, manifest: dict[str, dict]) -> str | None:
     return file.sha256 or manifest.get(file.name, {}).get("sha256")
 
 
-def missing_files(card: ModelCard) -> list[FileCard]:
-    """Files of the model that are not in the cache under their final name (no writes)."""
+def _selected(card: ModelCard, roles: Collection[str] | None) -> list[FileCard]:
+    return [f for f in card.files if roles is None or f.role in roles]
+
+
+def missing_files(card: ModelCard, *, roles: Collection[str] | None = None) -> list[FileCard]:
+    """Files of the model (those with one of ``roles``; all by default) that are not in the
+    cache under their final name (no writes)."""
     directory = model_dir(card)
-    return [f for f in card.files if not (directory / f.name).is_file()]
+    return [f for f in _selected(card, roles) if not (directory / f.name).is_file()]
 
 
 def missing_message(card: ModelCard, files: list[FileCard], *, offline: bool) -> str:
@@ -181,21 +186,24 @@ def missing_message(card: ModelCard, files: list[FileCard], *, offline: bool) ->
     return msg + fix_hint(card)
 
 
-def find_model_files(card: ModelCard, *, offline: bool = False) -> dict[str, Path]:
-    """Paths of a model's cached files by role; raise if any is missing or has the wrong size.
+def find_model_files(
+    card: ModelCard, *, offline: bool = False, roles: Collection[str] | None = None
+) -> dict[str, Path]:
+    """Paths of a model's cached files by role (only ``roles`` when given); raise if any is
+    missing or has the wrong size.
 
     Only stats files and reads the manifest: works on a read-only cache, takes no lock. The
     size is checked (cheap); the full sha256 check is `verify_model`. A missing file raises
     OfflineError when offline, else WeightsError.
     """
-    missing = missing_files(card)
+    missing = missing_files(card, roles=roles)
     if missing:
         error = OfflineError if offline else WeightsError
         raise error(missing_message(card, missing, offline=offline))
     directory = model_dir(card)
     manifest = read_manifest(card)
     found: dict[str, Path] = {}
-    for f in card.files:
+    for f in _selected(card, roles):
         path = directory / f.name
         size = expected_size(f, manifest)
         actual = path.stat().st_size

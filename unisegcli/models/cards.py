@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,6 +47,7 @@ class TaskCard:
     normalization: Mapping[str, Mapping[str, Any]]
     aliases: tuple[str, ...] = ()
     source: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)  # family-specific facts (see its module)
 
     @property
     def num_classes(self) -> int:
@@ -164,6 +165,7 @@ def _task_card(entry: Mapping[str, Any], where: str) -> TaskCard:
         normalization=norm,
         aliases=tuple(a.lower() for a in entry.get("aliases", [])),
         source=entry.get("source", ""),
+        extra=dict(entry.get("extra", {})),
     )
 
 
@@ -243,7 +245,15 @@ def _load_registry(path: Path) -> dict[str, ModelCard]:
 
 
 def get_model(name: str, path: Path | None = None) -> ModelCard:
-    """The card of model ``name``; an unknown name raises with a did-you-mean suggestion."""
+    """The card of model ``name``; an unknown name raises with a did-you-mean suggestion.
+
+    ``<family>:<argument>`` names (e.g. ``nnunet:<results folder>``) are built by that family.
+    """
+    from unisegcli.models.families import card_from_spec
+
+    built = card_from_spec(name)
+    if built is not None:
+        return built
     models = load_registry(path)
     if name not in models:
         raise UnknownModelError(

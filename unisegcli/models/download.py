@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Collection
 from urllib.parse import parse_qs, quote, urlencode, urljoin, urlparse
 
 from unisegcli.errors import ChecksumError, DownloadError
@@ -339,8 +339,12 @@ def fetch_file(
 def ensure_model(
     card: ModelCard, *, offline: bool = False, quiet: bool = False,
     console: Console | None = None, policy: RetryPolicy | None = None,
+    roles: Collection[str] | None = None,
 ) -> dict[str, Path]:
     """Return the model's cached files by role, downloading the missing ones first.
+
+    roles: only the files with these roles (e.g. the parts of a multi-part model a run
+    needs); all files by default.
 
     offline (or UNISEG_OFFLINE=1) never opens a socket: a missing file raises OfflineError.
     When every file is present, nothing is written and no lock is taken (read-only caches
@@ -350,17 +354,17 @@ def ensure_model(
     the manifest so that `uniseg weights verify` can detect later corruption.
     """
     offline = offline or offline_from_env()
-    if not cache.missing_files(card):
-        return cache.find_model_files(card, offline=offline)
+    if not cache.missing_files(card, roles=roles):
+        return cache.find_model_files(card, offline=offline, roles=roles)
     if offline or card.packaged:  # nothing to download: raise naming the missing files
-        return cache.find_model_files(card, offline=offline)
+        return cache.find_model_files(card, offline=offline, roles=roles)
 
     import requests
 
     wait_stream = None if quiet else (console.file if console is not None else sys.stderr)
     unverified: list[tuple[FileCard, str]] = []
     with cache.model_lock(card, on_wait=wait_stream) as directory:
-        missing = cache.missing_files(card)  # another process may have fetched them meanwhile
+        missing = cache.missing_files(card, roles=roles)  # another process may have fetched them meanwhile
         known = sum(f.size_bytes or 0 for f in missing)
         if known and known > cache.free_bytes(directory) - FREE_MARGIN_BYTES:
             raise DownloadError(
@@ -397,7 +401,7 @@ def ensure_model(
             f"recorded in {cache.manifest_path(card)}; `uniseg weights verify {card.name}` "
             f"compares the files with it later."
         ), stacklevel=2)
-    return cache.find_model_files(card)
+    return cache.find_model_files(card, roles=roles)
 
 
 __all__ = [

@@ -1,0 +1,70 @@
+"""The UniSeg family (``models.families``): load the prompt-driven network, predict label maps.
+
+Tasks that share channels run in one predictor pass (``inference.predictor.predict_case``:
+one preprocessing per channel group, one encoder pass per window for all its tasks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from unisegcli.io.cases import LoadedCase, channel_groups, task_channels
+
+if TYPE_CHECKING:
+    import torch
+
+    from unisegcli.api import RunSettings
+    from unisegcli.models.cards import ModelCard, TaskCard
+
+
+def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings | None" = None,
+         tasks: Sequence["TaskCard"] = ()) -> Any:
+    """The UniSeg network from the cached checkpoint (and plans, for v1 checkpoints)."""
+    from unisegcli.models import load_uniseg
+
+    return load_uniseg(files["checkpoint"], files.get("plans"))
+
+
+def predict(
+    loaded: LoadedCase,
+    tasks: Sequence["TaskCard"],
+    net: Any,
+    *,
+    settings: "RunSettings",
+    device: "torch.device",
+    progress: Any = None,
+    warn: Any = None,
+) -> dict[str, np.ndarray]:
+    """{task name: uint8 [Z, Y, X] label map} for one case, one predictor pass per channel group."""
+    from unisegcli.inference.predictor import network_patch_size, predict_case
+    from unisegcli.preprocessing.sanity import input_warnings
+
+    groups = channel_groups(tasks)
+    label_maps: dict[str, np.ndarray] = {}
+    for number, group in enumerate(groups):
+        image = task_channels(loaded, group[0])
+        if warn is not None:
+            for task in group:
+                for message in input_warnings(image, loaded.scan.spacing_mm, task, network_patch_size(net)):
+                    warn(loaded.case.case_id, message)
+
+        def report(done: int, total: int, _n: int = number) -> None:
+            if progress is not None:  # groups count as equal shares of the case's bar
+                progress(_n * total + done, total * len(groups))
+
+        label_maps.update(predict_case(
+            image,
+            loaded.scan.spacing_mm,
+            group,
+            net,
+            device=device,
+            batch_size=settings.batch_size,
+            step=settings.step,
+            tta=settings.tta,
+            precision=settings.precision,
+            progress=report,
+        ))
+    return label_maps
