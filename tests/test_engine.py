@@ -220,6 +220,25 @@ def test_softmax_over_all_channels_then_first_n_k() -> None:
     assert float(probs.sum(0).max()) < 1.0  # the other two channels keep some mass
 
 
+def test_sigmoid_without_gaussian_is_the_plain_mean_of_window_probabilities() -> None:
+    """Multi-label blending (Hermes): sigmoid per window, every window weighted equally."""
+    net = conv_net(3, c_in=1, c_out=2)
+    vol = volume((6, 8, 15), channels=1)  # two windows along x, overlapping on x 5..9
+    (probs,) = sliding_window(vol, net, PATCH, step=0.5, activation="sigmoid", gaussian=False)
+    with torch.no_grad():
+        left = torch.sigmoid(net(vol[None, :, :, :, :10]))[0]
+        right = torch.sigmoid(net(vol[None, :, :, :, 5:]))[0]
+    expected = torch.zeros(2, 6, 8, 15)
+    count = torch.zeros(6, 8, 15)
+    expected[..., :10] += left
+    expected[..., 5:] += right
+    count[..., :10] += 1
+    count[..., 5:] += 1
+    torch.testing.assert_close(probs, expected / count)
+    (weighted,) = sliding_window(vol, net, PATCH, step=0.5, activation="sigmoid")
+    assert not torch.allclose(weighted, probs)  # the Gaussian does change the overlap
+
+
 def test_progress_reports_windows_per_batch() -> None:
     calls: list[tuple[int, int]] = []
     sliding_window(

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 ACCUMULATIONS = ("fp32", "fp16")
+ACTIVATIONS = (None, "softmax", "sigmoid")
 Progress = Callable[[int, int], None]
 
 
@@ -179,6 +180,8 @@ def predict_windows(
                 # inference_apply_nonlin is softmax_helper over the 4 shared channels, and
                 # predict.py crops `softmax[:now_class_number]` after blending.
                 out = torch.softmax(out, dim=1)
+            elif activation == "sigmoid":
+                out = torch.sigmoid(out)
             if head.channels is not None:
                 out = out[:, : head.channels]
             if dims:
@@ -249,6 +252,7 @@ def sliding_window(
     accumulation: str = "fp32",
     activation: str | None = None,
     progress: Progress | None = None,
+    gaussian: bool = True,
 ) -> list["torch.Tensor"]:
     """Predict a whole volume by blending overlapping, Gaussian-weighted windows.
 
@@ -260,9 +264,11 @@ def sliding_window(
     step: window overlap as a fraction of the patch (0.5 = nnU-Net). batch_size: windows per
     forward. tta: average all flips of ``mirror_axes`` (8 for 3 axes). precision: autocast on
     CUDA only (see ``autocast_dtype``). accumulation: "fp32", or "fp16" to match nnU-Net v2
-    bit for bit. activation: None (blend logits, nnU-Net v2) or "softmax" (blend
-    probabilities, nnU-Net v1). progress(done, total) is called after every batch with
-    window counts.
+    bit for bit. activation: None (blend logits, nnU-Net v2), "softmax" (blend
+    probabilities, nnU-Net v1) or "sigmoid" (independent per-channel probabilities, for
+    multi-label models such as Hermes and SAT). gaussian: False weights every voxel of a
+    window equally (a plain mean of the overlapping windows). progress(done, total) is
+    called after every batch with window counts.
 
     Returns one float32 [n_k, Z, Y, X] tensor per head, on the volume's device.
     """
@@ -272,8 +278,8 @@ def sliding_window(
         raise ValueError(f"expected a [C, Z, Y, X] volume, got shape {tuple(volume.shape)}")
     if accumulation not in ACCUMULATIONS:
         raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
-    if activation not in (None, "softmax"):
-        raise ValueError(f"activation must be None or 'softmax', got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if int(batch_size) < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}.")
     batch_size = int(batch_size)
@@ -293,7 +299,10 @@ def sliding_window(
             volume = torch.nn.functional.pad(volume, flat, mode="constant", value=0.0)
         padded = tuple(volume.shape[1:])
         windows = window_slices(padded, patch, step)
-        gauss = gaussian_importance(patch, dtype=acc_dtype, device=device)
+        if gaussian:
+            gauss = gaussian_importance(patch, dtype=acc_dtype, device=device)
+        else:
+            gauss = torch.ones(patch, dtype=acc_dtype, device=device)
         weights = torch.zeros(padded, dtype=acc_dtype, device=device)
         accs: list[torch.Tensor | None] = [None] * len(heads)
         done = 0
