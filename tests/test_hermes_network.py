@@ -310,3 +310,13 @@ def test_hostile_pickle_is_refused(tmp_path):
     with pytest.raises(CheckpointError):
         load_hermes(tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+def test_repeated_windows_run_once_and_count_as_often_as_upstream_visits_them():
+    from unisegcli.models.hermes.inference import count_windows, unique_windows
+
+    _, slices = hermes_windows((128, 192, 100), (128, 128, 128))
+    assert len(slices) == 2 * 3 * 2
+    windows = unique_windows(slices)
+    assert len(windows) == count_windows((128, 192, 100)) == 1 * 2 * 1
+    assert sorted(n for _, n in windows) == [4, 8]  # y starts [0, 64, 64]: the second window twice

@@ -22,6 +22,7 @@ REGISTRY_ENV = "UNISEG_REGISTRY"  # a site's own registry file replaces the ship
 SCHEMA_VERSION = 1
 MODALITIES = ("CT", "MR", "PET", "CT+PET")
 NORMALIZATION_SCHEMES = ("ct_clip_scale", "zscore")
+NORMALIZATION_SCHEMES += ("hermes_ct", "hermes_percentile")  # Hermes family (models/hermes/preprocessing.py)
 
 
 class RegistryError(UsageError):

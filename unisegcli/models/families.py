@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 FAMILY_MODULES = {
     "uniseg": "unisegcli.models.uniseg.family",
+    "hermes": "unisegcli.models.hermes.family",
 }
 
 

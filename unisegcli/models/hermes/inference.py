@@ -9,7 +9,9 @@ mirroring and autocast go through ``inference.engine.predict_windows``:
 * with h = window // 2, windows i = 0 .. size // h - 1 start at h·i, and a window that would
   pass the end is moved to end exactly at the border (so duplicates happen);
 * every window's logits go through a sigmoid and the probabilities are averaged uniformly
-  (``gaussian=True`` weights them by the engine's Gaussian instead, our option);
+  (``gaussian=True`` weights them by the engine's Gaussian instead, our option). A window
+  that upstream visits k times is predicted once and counted k times: the same mean, fewer
+  forwards (a 128-voxel axis alone doubles the work upstream);
 * volumes deeper than ``MAX_DEPTH`` slices are cut along z into ceil(D / 600) consecutive
   chunks of ceil(D / n) slices, predicted separately and concatenated.
 
@@ -45,10 +47,22 @@ def hermes_windows(size: Sequence[int], window: Sequence[int]) -> tuple[tuple[in
 
 
 def count_windows(size: Sequence[int], window: Sequence[int] = WINDOW) -> int:
-    """Forward passes ``predict_volume`` makes for a volume of this (z, y, x) size."""
+    """Forward passes ``predict_volume`` makes for a volume of this (z, y, x) size (distinct
+    windows only)."""
     depth = int(size[0])
     chunks = _chunks(depth)
-    return sum(len(hermes_windows((hi - lo, *size[1:]), window)[1]) for lo, hi in chunks)
+    return sum(len(unique_windows(hermes_windows((hi - lo, *size[1:]), window)[1])) for lo, hi in chunks)
+
+
+def unique_windows(slices: Sequence[tuple[slice, ...]]) -> list[tuple[tuple[slice, ...], int]]:
+    """Distinct windows in first-visit order, each with how many times upstream visits it."""
+    counts: dict[tuple[tuple[int, int], ...], int] = {}
+    first: dict[tuple[tuple[int, int], ...], tuple[slice, ...]] = {}
+    for sl in slices:
+        key = tuple((s.start, s.stop) for s in sl)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, sl)
+    return [(first[key], n) for key, n in counts.items()]
 
 
 def _chunks(depth: int) -> list[tuple[int, int]]:
@@ -123,6 +137,7 @@ def _predict_chunk(volume: "torch.Tensor", net: Any, task_indices: Sequence[int]
     patch = tuple(int(w) for w in window)
     size = tuple(volume.shape[1:])
     padded, slices = hermes_windows(size, patch)
+    windows = unique_windows(slices)
     if padded != size:  # zeros at the end of each short axis (inference3d.py F.pad)
         pads = [p for s, q in reversed(list(zip(size, padded))) for p in (0, q - s)]
         volume = torch.nn.functional.pad(volume, pads, mode="constant", value=0.0)
@@ -134,20 +149,20 @@ def _predict_chunk(volume: "torch.Tensor", net: Any, task_indices: Sequence[int]
     acc: torch.Tensor | None = None
     counts = torch.zeros(padded, dtype=torch.float32, device=device)
     with torch.inference_mode():
-        for start in range(0, len(slices), max(1, int(batch_size))):
-            batch = slices[start:start + max(1, int(batch_size))]
-            x = torch.stack([volume[(slice(None),) + sl] for sl in batch])
+        for start in range(0, len(windows), max(1, int(batch_size))):
+            batch = windows[start:start + max(1, int(batch_size))]
+            x = torch.stack([volume[(slice(None),) + sl] for sl, _ in batch])
             (probs,) = predict_windows(bound, x, [_plain_head()], flips=flips, autocast=autocast,
                                        activation="sigmoid")
             if acc is None:
                 acc = torch.zeros((probs.shape[1], *padded), dtype=torch.float32, device=device)
-            for j, sl in enumerate(batch):
+            for j, (sl, times) in enumerate(batch):
                 if weight is None:
-                    acc[(slice(None),) + sl] += probs[j]
-                    counts[sl] += 1.0
+                    acc[(slice(None),) + sl] += probs[j] * times
+                    counts[sl] += float(times)
                 else:
-                    acc[(slice(None),) + sl] += probs[j] * weight
-                    counts[sl] += weight
+                    acc[(slice(None),) + sl] += probs[j] * (weight * times)
+                    counts[sl] += weight * times
             report(len(batch))
         assert acc is not None
         acc /= counts
