@@ -295,6 +295,7 @@ def test_segment_writes_masks_in_input_geometry_and_statistics(tmp_path, hermes_
     direct = family.predict(case, resolve_tasks(get_model(hermes_tiny), "bcv_liver"),
                             SpyNet(load_hermes(TINY / "best.pth")), settings=RunSettings(), device=torch.device("cpu"))
     written = np.asarray(nib.load(str(out / "bcv_liver.nii.gz")).dataobj)
+    assert 0 < written.mean() < 1  # random weights, but not an empty or full mask: the check bites
     assert np.array_equal(case.scan.reorientation.to_file(direct["bcv_liver"]), written)
 
 

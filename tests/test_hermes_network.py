@@ -320,3 +320,25 @@ def test_repeated_windows_run_once_and_count_as_often_as_upstream_visits_them():
     windows = unique_windows(slices)
     assert len(windows) == count_windows((128, 192, 100)) == 1 * 2 * 1
     assert sorted(n for _, n in windows) == [4, 8]  # y starts [0, 64, 64]: the second window twice
+
+
+def test_gaussian_blending_is_an_option_not_the_default(tiny_net):
+    case = CASES["autopet_pet_sliding_window"]
+    x = case_input(case["id"])[0]
+    args = (x, tiny_net, case["tgt_idx"][0], case["mod_idx"][0][0])
+    plain = predict_volume(*args, window=case["window_size_zyx"])
+    weighted = predict_volume(*args, window=case["window_size_zyx"], gaussian=True)
+    expected = torch.from_numpy(np.load(TINY / case["expected_probs"]["file"]))[0]
+    torch.testing.assert_close(plain, expected, atol=TOL["probs_atol"], rtol=0)
+    assert (weighted - expected).abs().max() > 10 * TOL["probs_atol"]
+    assert float(weighted.min()) >= 0.0 and float(weighted.max()) <= 1.0
+
+
+def test_keeping_some_channels_does_not_change_them(tiny_net):
+    case = CASES["autopet_pet_sliding_window"]
+    x = case_input(case["id"])[0]
+    tokens = [64, 65, 66, -1]
+    full = predict_volume(x, tiny_net, tokens, 4, window=case["window_size_zyx"])
+    kept = predict_volume(x, tiny_net, tokens, 4, window=case["window_size_zyx"], keep=[2, 0])
+    assert kept.shape[0] == 2
+    assert torch.equal(kept[0], full[2]) and torch.equal(kept[1], full[0])

@@ -150,6 +150,7 @@ def predict(
 
         volume, grid = preprocess(image[0], loaded.scan.spacing_mm, first, device, min_size=window)
         tokens = token_list(first)
+        keep = [tokens.index(int(task.index)) for task in group]
         probabilities = predict_volume(
             volume, net, tokens, modality_id(first, settings),
             window=window,
@@ -158,10 +159,10 @@ def predict(
             tta=settings.tta,
             precision=settings.precision,
             progress=report,
+            keep=keep,
         )
         del volume
-        for task in group:
-            channel = tokens.index(int(task.index))
+        for channel, task in enumerate(group):
             probs = restore(probabilities[channel:channel + 1], grid)[0]
             label_maps[task.name] = (probs >= THRESHOLD).to(torch.uint8).cpu().numpy()
         del probabilities

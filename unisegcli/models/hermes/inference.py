@@ -104,8 +104,13 @@ def predict_volume(
     tta: bool = False,
     precision: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    keep: Sequence[int] | None = None,
 ) -> "torch.Tensor":
-    """Mean sigmoid probabilities [T, Z, Y, X] of a [1, Z, Y, X] volume (see module docstring)."""
+    """Mean sigmoid probabilities [T, Z, Y, X] of a [1, Z, Y, X] volume (see module docstring).
+
+    keep: output channels to accumulate and return (positions in ``task_indices``); every
+    forward still carries the whole token list. None keeps all.
+    """
     import torch
 
     if volume.ndim != 4:
@@ -120,7 +125,8 @@ def predict_volume(
 
     parts = [
         _predict_chunk(volume[:, lo:hi], net, task_indices, modality_index, window=window,
-                       batch_size=batch_size, gaussian=gaussian, tta=tta, precision=precision, report=report)
+                       batch_size=batch_size, gaussian=gaussian, tta=tta, precision=precision, report=report,
+                       keep=keep)
         for lo, hi in _chunks(int(volume.shape[1]))
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -128,7 +134,7 @@ def predict_volume(
 
 def _predict_chunk(volume: "torch.Tensor", net: Any, task_indices: Sequence[int], modality_index: int, *,
                    window: Sequence[int], batch_size: int, gaussian: bool, tta: bool, precision: str,
-                   report: Callable[[int], None]) -> "torch.Tensor":
+                   report: Callable[[int], None], keep: Sequence[int] | None = None) -> "torch.Tensor":
     import torch
 
     from unisegcli.inference.engine import autocast_dtype, mirror_combinations, predict_windows
@@ -154,6 +160,8 @@ def _predict_chunk(volume: "torch.Tensor", net: Any, task_indices: Sequence[int]
             x = torch.stack([volume[(slice(None),) + sl] for sl, _ in batch])
             (probs,) = predict_windows(bound, x, [_plain_head()], flips=flips, autocast=autocast,
                                        activation="sigmoid")
+            if keep is not None:
+                probs = probs[:, list(keep)]
             if acc is None:
                 acc = torch.zeros((probs.shape[1], *padded), dtype=torch.float32, device=device)
             for j, (sl, times) in enumerate(batch):
