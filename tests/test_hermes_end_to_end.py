@@ -304,3 +304,31 @@ def loaded_case_from(path: Path):
     from unisegcli.io.discovery import discover
 
     return read_case(discover([path])[0], None)
+
+
+def test_download_shows_the_license_line_first(tmp_path, monkeypatch, httpserver):
+    """The shipped Hermes entry (sha256 unknown) served from loopback: the license line comes
+    before the download, and the unknown hash gives one warning."""
+    from typer.testing import CliRunner
+
+    from unisegcli.cli.app import app
+
+    for var in ("UNISEG_OFFLINE", "UNISEG_MIRROR", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    model = copy.deepcopy(RAW["models"]["hermes"])
+    model["files"][0]["urls"] = [httpserver.url_for("/hermes_r.pth")]
+    registry = {"schema_version": 1, "task_sets": {"hermes71": RAW["task_sets"]["hermes71"]},
+                "models": {"hermes": model}}
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps(registry))
+    monkeypatch.setenv("UNISEG_REGISTRY", str(path))
+    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
+    httpserver.expect_request("/hermes_r.pth").respond_with_data((TINY / "best.pth").read_bytes(),
+                                                                 content_type="application/octet-stream")
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["weights", "download", "hermes"])
+    assert result.exit_code == 0, result.output
+    license_at = result.stderr.index("license: not specified by the authors")
+    assert result.stderr.count("warning:") == 1 and result.stderr.index("warning:") > license_at
+    from unisegcli.models import cache
+
+    assert cache.missing_files(get_model("hermes")) == []

@@ -342,3 +342,16 @@ def test_keeping_some_channels_does_not_change_them(tiny_net):
     kept = predict_volume(x, tiny_net, tokens, 4, window=case["window_size_zyx"], keep=[2, 0])
     assert kept.shape[0] == 2
     assert torch.equal(kept[0], full[2]) and torch.equal(kept[1], full[0])
+
+
+@pytest.mark.slow
+def test_full_size_network_runs_a_released_window():
+    """The released configuration (random weights) on one 128^3 window with AMOS CT's tokens."""
+    torch.manual_seed(0)
+    net = HermesUNet(HermesConfig()).eval()
+    assert sum(p.numel() for p in net.parameters()) == 60_884_998
+    tokens = torch.tensor([list(range(4, 19)) + [-1]])
+    with torch.no_grad():
+        seg, modality = net(torch.randn(1, 1, 128, 128, 128), tokens, torch.tensor([[0]]))
+    assert seg.shape == (1, 16, 128, 128, 128) and modality.shape == (1, 6)
+    assert bool(torch.isfinite(seg).all()) and bool(torch.isfinite(modality).all())
