@@ -355,3 +355,32 @@ def test_full_size_network_runs_a_released_window():
         seg, modality = net(torch.randn(1, 1, 128, 128, 128), tokens, torch.tensor([[0]]))
     assert seg.shape == (1, 16, 128, 128, 128) and modality.shape == (1, 6)
     assert bool(torch.isfinite(seg).all()) and bool(torch.isfinite(modality).all())
+
+
+def test_upstream_constructor_arguments_map_to_our_config():
+    released = HermesConfig.from_upstream(1, 32, scale=[[2, 2, 2]] * 4, kernel_size=[[3, 3, 3]] * 5,
+                                          num_block=[2, 2, 2, 2], tn=72, mn=6)
+    assert released == HermesConfig()
+    construction = MANIFEST["construction"]  # the fixture's own get_model arguments
+    tiny = HermesConfig.from_upstream(construction["in_chan"], construction["base_chan"],
+                                      construction["down_scale"], construction["kernel_size"],
+                                      construction["num_block"], construction["tn"], construction["mn"])
+    assert meta_state(tiny) == {k: tuple(s) for k, s in json.loads((TINY / "keys.json").read_text())["keys"]}
+    # upstream: up4 always has 2 blocks, up1..up3 mirror num_block[2], [1], [0]; ints are isotropic
+    other = HermesConfig.from_upstream(1, 16, scale=[2, 2, [1, 2, 2], 2], kernel_size=[3, [1, 3, 3], 3, 1, 3],
+                                       num_block=[1, 2, 3, 4])
+    assert other.up_blocks == (3, 2, 1, 2) and other.down_scales[2] == (1, 2, 2)
+    assert other.kernel_sizes[1] == (1, 3, 3) and other.kernel_sizes[3] == (1, 1, 1)
+    state = meta_state(other)
+    assert state["up1.conv.2.conv1.conv.weight"] == (128, 128, 1, 1, 1)  # up1: kernel_size[3]
+    assert "up4.conv.1.conv2.conv.weight" in state and "up4.conv.2.conv1.conv.weight" not in state
+    assert meta_state(other) == upstream_keys(other)
+
+
+def test_anisotropic_pooling_config_runs_and_keeps_the_input_size():
+    config = HermesConfig.from_upstream(1, 8, scale=[[1, 2, 2], 2, 2, 2], kernel_size=[[1, 3, 3], 3, 3, 1, 1])
+    torch.manual_seed(0)
+    net = HermesUNet(config).eval()
+    with torch.no_grad():
+        seg, mod = net(torch.randn(1, 1, 10, 36, 40), torch.tensor([[3, 7, -1]]), torch.tensor([[2]]))
+    assert seg.shape == (1, 3, 10, 36, 40) and mod.shape == (1, 6)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +77,32 @@ class HermesConfig:
                 for k, val in asdict(self).items()}
 
     @classmethod
+    def from_upstream(cls, in_ch: int, base_ch: int, scale: Sequence[Any] = (2, 2, 2, 2),
+                      kernel_size: Sequence[Any] = (3, 3, 3, 3, 3), num_block: Sequence[int] = (2, 2, 2, 2),
+                      tn: int = 72, mn: int = 6) -> "HermesConfig":
+        """The config of upstream ``Hermes_UNet(in_ch, base_ch, scale, kernel_size, block=
+        'BasicBlock', num_block, pool=True, norm='in', tn, mn)``.
+
+        Upstream's wiring (hermes_unet.py @ f4c84e1): downN uses kernel_size[N] and scale[N-1];
+        up1, up2, up3 use num_block[2], [1], [0] and kernel_size[3], [2], [1]; up4 always has 2
+        blocks and kernel_size[0]; an int kernel or scale means the same on every axis.
+        """
+        kernels = tuple(_triple(k) for k in kernel_size)
+        if len(kernels) < 5:
+            raise ValueError(f"kernel_size needs 5 levels (inc, down1..down4), got {len(kernels)}")
+        blocks = tuple(int(n) for n in num_block)
+        return cls(
+            in_channels=int(in_ch),
+            base_channels=int(base_ch),
+            kernel_sizes=kernels[:5],
+            down_scales=tuple(_triple(v) for v in scale),
+            down_blocks=blocks,
+            up_blocks=(blocks[2], blocks[1], blocks[0], 2),
+            num_tasks=int(tn),
+            num_modalities=int(mn),
+        )
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HermesConfig":
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
@@ -85,7 +111,7 @@ class HermesConfig:
         values: dict[str, Any] = {}
         for key, value in data.items():
             if key in ("kernel_sizes", "down_scales"):
-                values[key] = tuple(tuple(int(v) for v in item) for item in value)
+                values[key] = tuple(_triple(item) for item in value)
             elif key in ("down_blocks", "up_blocks", "fusion_blocks"):
                 values[key] = tuple(int(v) for v in value)
             else:
@@ -128,6 +154,16 @@ class HermesConfig:
             num_tasks=task_rows - 1,
             num_modalities=modality_rows,
         )
+
+
+def _triple(value: Any) -> Triple:
+    """An int or a 3-sequence as a (z, y, x) triple."""
+    if isinstance(value, int):
+        return (value, value, value)
+    items = tuple(int(v) for v in value)
+    if len(items) != 3:
+        raise ValueError(f"expected an int or 3 values (z, y, x), got {value!r}")
+    return items  # type: ignore[return-value]
 
 
 RELEASED = HermesConfig()  # Hermes-R as released (hermes_resunet_3d.yaml)
