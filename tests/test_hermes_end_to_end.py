@@ -332,3 +332,25 @@ def test_download_shows_the_license_line_first(tmp_path, monkeypatch, httpserver
     from unisegcli.models import cache
 
     assert cache.missing_files(get_model("hermes")) == []
+
+
+def test_cli_main_form_runs_hermes_with_gaussian_blending(tmp_path, hermes_tiny):
+    from typer.testing import CliRunner
+
+    from unisegcli.cli.app import app
+
+    path = save_nifti(tmp_path / "ct.nii.gz", phantom_ct((12, 20, 8), box=(slice(3, 8), slice(5, 15), slice(2, 6))),
+                      make_affine("aniso"))
+    runner = CliRunner(env={"COLUMNS": "250"})
+    plain = runner.invoke(app, [str(path), "-o", str(tmp_path / "plain"), "--tasks", "spleen", "--model", hermes_tiny,
+                                "--device", "cpu", "--quiet"])
+    assert plain.exit_code == 0, plain.output
+    weighted = runner.invoke(app, [str(path), "-o", str(tmp_path / "gauss"), "--tasks", "spleen", "--model",
+                                   hermes_tiny, "--device", "cpu", "--quiet", "--gaussian"])
+    assert weighted.exit_code == 0, weighted.output
+    for folder in ("plain", "gauss"):
+        mask = nib.load(str(tmp_path / folder / "spleen.nii.gz"))
+        assert mask.shape == (12, 20, 8)
+    bad = runner.invoke(app, [str(path), "-o", str(tmp_path / "bad"), "--tasks", "chaos_liver", "--model", hermes_tiny,
+                              "--device", "cpu", "--modality", "pet"])
+    assert bad.exit_code == 2 and "t1, t2" in bad.output

@@ -44,6 +44,9 @@ def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings
     """The Hermes network (EMA weights) from the cached checkpoint, with the card's window."""
     from unisegcli.models.hermes import load_hermes
 
+    if settings is not None:
+        for task in tasks:  # a wrong --modality fails before the weights are read
+            modality_id(task, settings)
     net = load_hermes(files["checkpoint"])
     net.window_zyx = window_of(card)  # type: ignore[assignment]
     return net
