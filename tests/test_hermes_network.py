@@ -384,3 +384,36 @@ def test_anisotropic_pooling_config_runs_and_keeps_the_input_size():
     with torch.no_grad():
         seg, mod = net(torch.randn(1, 1, 10, 36, 40), torch.tensor([[3, 7, -1]]), torch.tensor([[2]]))
     assert seg.shape == (1, 3, 10, 36, 40) and mod.shape == (1, 6)
+
+
+class WindowMeanNet:
+    """Stand-in network whose logits depend on the whole window (so tiling shows): every token
+    channel = voxel value + window mean + token index / 10. Counts forwards."""
+
+    def __init__(self):
+        self.forwards = 0
+
+    def __call__(self, x, tasks, modality):
+        self.forwards += x.shape[0]
+        base = x + x.mean(dim=(2, 3, 4), keepdim=True)
+        seg = base.expand(-1, tasks.shape[1], -1, -1, -1) + tasks[:, :, None, None, None].float() / 10
+        return seg, torch.zeros(x.shape[0], 6)
+
+
+def test_deep_volumes_are_cut_into_equal_chunks(monkeypatch):
+    from unisegcli.models.hermes import inference
+
+    x = torch.randn(1, 25, 12, 12, generator=torch.Generator().manual_seed(3))
+    window = (4, 8, 8)
+    net = WindowMeanNet()
+    whole = predict_volume(x, net, [2, -1], 0, window=window)  # 25 < 600: one chunk
+    assert net.forwards == inference.count_windows((25, 12, 12), window)
+    monkeypatch.setattr(inference, "MAX_DEPTH", 10)
+    assert inference._chunks(25) == [(0, 9), (9, 18), (18, 25)]  # n = ceil(25/10) = 3 of ceil(25/3) = 9
+    chunked_net = WindowMeanNet()
+    chunked = predict_volume(x, chunked_net, [2, -1], 0, window=window)
+    assert chunked_net.forwards == inference.count_windows((25, 12, 12), window)
+    monkeypatch.setattr(inference, "MAX_DEPTH", 600)
+    parts = [predict_volume(x[:, lo:hi], WindowMeanNet(), [2, -1], 0, window=window) for lo, hi in [(0, 9), (9, 18), (18, 25)]]
+    torch.testing.assert_close(chunked, torch.cat(parts, dim=1), atol=0, rtol=0)
+    assert (chunked - whole).abs().max() > 1e-3
