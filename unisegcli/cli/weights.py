@@ -246,3 +246,30 @@ def convert(
 
     weights = convert_checkpoint(checkpoint, plans, out_dir)
     _stderr(quiet).print(f"wrote {weights} and {weights.with_name('config.json')}")
+
+
+@weights_app.command("prepare")
+def prepare(
+    name: ModelArg,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Use only files already in the cache; never download.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Precompute what a model needs at every run (SAT: the text embeddings of its whole
+    vocabulary, ~1.5 MB), so later runs load neither the text encoder nor transformers."""
+    from unisegcli.models.families import family_module
+
+    card = _card(name)
+    hook = getattr(family_module(card.family), "prepare", None)
+    if hook is None:
+        raise WeightsError(
+            f"model '{card.name}' (family {card.family}) has nothing to prepare; expected a SAT model "
+            "such as sat-nano. Its weights are used as downloaded."
+        )
+    from unisegcli.models import cache
+
+    if not offline and cache.missing_files(card):
+        _stderr(quiet).print(f"downloading model '{card.name}' {card.version} (first use) · license: "
+                             f"{card.license}", soft_wrap=True, highlight=False, markup=False)
+    out = hook(card, offline=offline, quiet=quiet)
+    _stderr(quiet).print(f"prepared model '{card.name}': {out}", soft_wrap=True, highlight=False, markup=False)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 FAMILY_MODULES = {
     "uniseg": "unisegcli.models.uniseg.family",
+    "sat": "unisegcli.models.sat.family",
 }
 
 

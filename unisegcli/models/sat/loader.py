@@ -167,8 +167,8 @@ class SatModel(nn.Module):
         if self._tokenizer is None:
             if self.tokenizer_dir is None:
                 raise CheckpointError(
-                    "no tokenizer for SAT's text encoder; expected the text tower's vocab.txt next to "
-                    "text_encoder.pth. Run `uniseg weights download` for the model."
+                    "no tokenizer for SAT's text encoder; expected the text tower's tokenizer.json next "
+                    "to text_encoder.pth. Run `uniseg weights download` for the model."
                 )
             self._tokenizer = load_tokenizer(self.tokenizer_dir)
         return self._tokenizer
@@ -212,12 +212,14 @@ def load_sat(
     window: Sequence[int] = (288, 288, 96),
 ) -> SatModel:
     """SAT on the CPU in eval mode from the released segmentation checkpoint and (optionally)
-    its paired ``text_encoder.pth``; ``tokenizer_dir`` holds the text tower's ``vocab.txt``
+    its paired ``text_encoder.pth``; ``tokenizer_dir`` holds the text tower's tokenizer files
     (default: the text encoder's folder)."""
     segmenter = load_segmenter(checkpoint, window)
     text = load_text_encoder(text_encoder) if text_encoder is not None else None
-    if tokenizer_dir is None and text_encoder is not None and (Path(text_encoder).parent / "vocab.txt").is_file():
-        tokenizer_dir = Path(text_encoder).parent
+    if tokenizer_dir is None and text_encoder is not None:
+        folder = Path(text_encoder).parent
+        if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
+            tokenizer_dir = folder
     if text is not None and text.config.hidden != segmenter.config.query_dim:
         raise CheckpointError(
             f"text encoder width {text.config.hidden} does not match the segmentation model's query "

@@ -35,7 +35,9 @@ from unisegcli.models.sat.config import MODALITY_CODES, TextConfig
 
 
 def load_tokenizer(folder: Path):  # -> transformers.MPNetTokenizer
-    """The WordPiece tokenizer of a text tower folder (``vocab.txt``, ``tokenizer_config.json``)."""
+    """The WordPiece tokenizer of a text tower folder (``tokenizer.json`` or ``vocab.txt``, and
+    ``tokenizer_config.json``). The registry fetches ``tokenizer.json``: MPNet's ``vocab.txt``
+    starts with ``<s>``, which the downloader's HTML-page check refuses."""
     from unisegcli.errors import UsageError
 
     try:
