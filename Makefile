@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,nnunet,dicom]"
+	$(PIP) -e ".[dev,nnunet,dicom,sat]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -181,6 +181,7 @@ def test_cli_prepare_and_segment(tiny_sat, tmp_path):
     assert table_path(get_model(tiny_sat)).is_file()
     scan = save_nifti(tmp_path / "ct.nii.gz", body_ct(), make_affine("lps"))
     res = runner.invoke(app, [str(scan), "-o", str(tmp_path / "out"), "--model", tiny_sat,
-                              "--tasks", "aorta", "--modality", "ct"])
+                              "--tasks", "aorta", "--modality", "ct", "--verbose"])
     assert res.exit_code == 0, res.output
+    assert "ignored 12 known extra keys" in res.output  # mid_mask_embed_proj.*, at --verbose
     assert (tmp_path / "out" / "aorta.nii.gz").is_file()
