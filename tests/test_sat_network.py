@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from unisegcli.errors import CheckpointError
-from unisegcli.models.sat import NANO, PRO, SatConfig, TextConfig, load_sat
+from unisegcli.models.sat import NANO, PRO, TextConfig, load_sat
 from unisegcli.models.sat.loader import load_segmenter, load_text_encoder
 from unisegcli.models.sat.network import SatSegmenter, positional_encoding_3d
 from unisegcli.models.sat.text import SatTextEncoder, merge_modality, relative_position_bucket, tokenize
@@ -29,7 +29,7 @@ WINDOW = tuple(MANIFEST["config"]["image_size"])
 
 @pytest.fixture(scope="module")
 def tiny():
-    transformers = pytest.importorskip("transformers")  # noqa: F841  (tokenizer only)
+    pytest.importorskip("transformers")  # the tokenizer (extra "sat")
     return load_sat(TINY / "sat_checkpoint.pth", TINY / "text_encoder.pth",
                     tokenizer_dir=TINY / "text_tower", window=WINDOW)
 
@@ -158,11 +158,19 @@ def test_strict_loading_rejects_wrong_files(tmp_path):
         load_segmenter(_resave(tmp_path, TINY / "sat_checkpoint.pth", missing), WINDOW)
 
 
-def test_window_must_match(tmp_path):
-    seg = SatSegmenter(SatConfig(features=(2, 2, 2, 2, 2, 2), query_dim=16, proj_hidden=16, ff_dim=8,
-                                 mask_mid=8, window=(32, 32, 32)))
-    with pytest.raises(ValueError, match="32, 32, 32"):
-        seg(torch.zeros(2, 16), torch.zeros(1, 1, 32, 32, 64))
+def test_other_windows():
+    """A window other than the configured one uses its own grid's positional encoding: loading
+    with the default (released) window gives the fixture's logits on its 64 x 64 x 32 window."""
+    case = MANIFEST["seg_cases"][0]
+    default = load_sat(TINY / "sat_checkpoint.pth")  # window 288 x 288 x 96, no text encoder
+    queries = torch.from_numpy(_load(case["expected_text_embeddings"]["file"]))
+    with torch.no_grad():
+        logits = default(queries, torch.from_numpy(_load(case["input"]["file"])))
+    np.testing.assert_allclose(logits.numpy(), _load(case["expected_logits"]["file"]), atol=5e-5, rtol=0)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        default(queries, torch.zeros(1, 1, 32, 32, 48))
+    with pytest.raises(CheckpointError, match="text encoder"):
+        default.encode_text(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), "ct")
 
 
 def test_modality_merging_and_buckets():

@@ -177,3 +177,14 @@ def test_modality_guess():
     ct[:, 5:15, 5:15, 5:15] = 40.0
     mri = np.abs(np.random.default_rng(0).normal(300, 100, (1, 20, 20, 20))).astype(np.float32)
     assert guess_modality(ct) == "ct" and guess_modality(mri) == "mri"
+
+
+def test_cpu_warning_for_released_windows_only():
+    import torch
+
+    from unisegcli.models.sat.family import cpu_warning
+
+    message = cpu_warning(torch.device("cpu"), (288, 288, 96), 8, 3)
+    assert message and "8 window(s)" in message and "3 prompt(s)" in message
+    assert cpu_warning(torch.device("cuda"), (288, 288, 96), 8, 3) is None
+    assert cpu_warning(torch.device("cpu"), (64, 64, 32), 8, 3) is None

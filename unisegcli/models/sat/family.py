@@ -170,6 +170,15 @@ def queries_for(net: Any, tasks: Sequence["TaskCard"], modality: str, model: str
     return torch.stack([r.float().cpu() for r in rows])  # type: ignore[union-attr]
 
 
+def cpu_warning(device: "torch.device", window: Sequence[int], n_windows: int, n_prompts: int) -> str | None:
+    """The run-time warning for a released-size SAT on the CPU (None on a GPU or for small test
+    models): every 288 x 288 x 96 window costs minutes there."""
+    if device.type != "cpu" or int(np.prod(window)) < 288 * 288 * 96:
+        return None
+    return (f"SAT on the CPU: {n_windows} window(s) of {' x '.join(map(str, window))} voxels with "
+            f"{n_prompts} prompt(s); expect several minutes per window (a GPU takes seconds per window)")
+
+
 class WindowPredictor:
     """Adapter for the engine: [B, 1, z, y, x] windows -> [B, N, z, y, x] logits.
 
@@ -200,9 +209,9 @@ def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, sett
     patch = tuple(reversed(net.config.window))  # (z, y, x)
     padded = [max(s, p) for s, p in zip(prep.volume.shape[1:], patch)]
     n_windows = len(window_slices(padded, patch, settings.step))
-    if device.type == "cpu" and warn is not None and np.prod(patch) >= 96 * 288 * 288:
-        warn(loaded.case.case_id, f"SAT on the CPU: {n_windows} windows of 288 x 288 x 96 voxels with "
-                                  f"{len(tasks)} prompt(s); expect several minutes per window (a GPU takes seconds)")
+    message = cpu_warning(device, net.config.window, n_windows, len(tasks))
+    if message and warn is not None:
+        warn(loaded.case.case_id, message)
     net.segmenter.to(device)
     max_q = int(getattr(net, "max_queries", DEFAULT_MAX_QUERIES))
     groups = [queries[i : i + max_q].to(device) for i in range(0, len(queries), max_q)]

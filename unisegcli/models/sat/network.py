@@ -105,7 +105,9 @@ class SatSegmenter(nn.Module):
         )
         grid = config.memory_grid
         pos = positional_encoding_3d(grid, config.query_dim).reshape(-1, 1, config.query_dim)
-        self.register_buffer("pos_embedding", pos, persistent=False)  # [T, 1, d], not stored
+        # [T, 1, d] for the configured window; not in the state dict (upstream computes it in
+        # __init__ too). Other windows get theirs computed on the fly (see ``_positions``).
+        self.register_buffer("pos_embedding", pos, persistent=False)
 
     def memory_tokens(self, skips: Sequence[Tensor]) -> Tensor:
         """[T, B, d] tokens from the encoder stages (T = product of ``memory_grid``)."""
@@ -118,18 +120,29 @@ class SatSegmenter(nn.Module):
         tokens = self.projection_layer(tokens)
         return tokens.flatten(1, 3).transpose(0, 1)  # [(h w d), B, d], d fastest
 
+    def _positions(self, window: Sequence[int], like: Tensor) -> Tensor:
+        """[T, 1, d] positional encoding of the memory grid of ``window`` (H, W, D)."""
+        if tuple(window) == tuple(self.config.window):
+            return self.pos_embedding.to(like.dtype)
+        grid = [w // 32 for w in window]
+        return positional_encoding_3d(grid, self.config.query_dim).reshape(-1, 1, self.config.query_dim).to(like)
+
     def forward(self, queries: "Tensor | Sequence[Tensor]", image: Tensor) -> Tensor:
         """Logits [B, N, H, W, D] for text queries ([N, d], or a list of [N_k, d] groups run
-        one after another) and an image window [B, C, H, W, D] (C = 1 is repeated to 3)."""
-        if image.ndim != 5 or tuple(image.shape[2:]) != tuple(self.config.window):
+        one after another) and an image window [B, C, H, W, D] (C = 1 is repeated to 3).
+
+        The released models were trained on ``config.window`` (288 x 288 x 96); any window
+        whose sides are multiples of 32 runs, with the positional encoding of its own grid."""
+        if image.ndim != 5 or any(s % 32 for s in image.shape[2:]):
             raise ValueError(
-                f"SAT expects windows [B, C, {', '.join(map(str, self.config.window))}], got {tuple(image.shape)}"
+                f"SAT expects windows [B, C, H, W, D] with sides divisible by 32 (released: "
+                f"{', '.join(map(str, self.config.window))}), got {tuple(image.shape)}"
             )
         if image.shape[1] == 1 and self.config.in_channels != 1:
             image = image.expand(-1, self.config.in_channels, -1, -1, -1)
         skips, perpixel = self.backbone(image)
         memory = self.memory_tokens(skips)
-        pos = self.pos_embedding.to(memory.dtype)
+        pos = self._positions(image.shape[2:], memory)
         groups = [queries] if isinstance(queries, Tensor) else list(queries)
         batch = image.shape[0]
         outputs = []
