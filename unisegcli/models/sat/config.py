@@ -8,7 +8,7 @@ and a 6-layer query decoder with 8 heads and a 2048-wide feed-forward layer.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 # Modality codes of the text encoder's ``modality_embed`` (SAT model/knowledge_encoder.py):
@@ -66,7 +66,6 @@ class TextConfig:
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1
     max_tokens: int = 256  # SAT's tokenizer caps every prompt at 256 tokens
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

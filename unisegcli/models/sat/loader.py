@@ -38,7 +38,8 @@ TEXT_LEGACY = re.compile(r"^text_tower\.biolord\.embeddings\.position_ids$|atlas
 
 def read_sat_state(path: Path, what: str) -> dict[str, Tensor]:
     """``model_state_dict`` of a SAT file without the ``module.`` prefix."""
-    obj = load_torch_file(path)
+    # mmap: the released segmentation file may still hold the optimizer state (SAT_SPEC.md)
+    obj = load_torch_file(path, mmap=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
         obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -132,7 +133,7 @@ def infer_text_config(state: Mapping[str, Tensor]) -> TextConfig:
 def _load_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
     expected = module.state_dict()
     check_state_dict(state, expected, source)
-    module.load_state_dict({k: state[k] for k in expected}, strict=True)
+    module.load_state_dict({k: state[k] for k in expected}, strict=True)  # copies out of the mmap
 
 
 class SatModel(nn.Module):
