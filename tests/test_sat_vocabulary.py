@@ -188,3 +188,18 @@ def test_cpu_warning_for_released_windows_only():
     assert message and "8 window(s)" in message and "3 prompt(s)" in message
     assert cpu_warning(torch.device("cuda"), (288, 288, 96), 8, 3) is None
     assert cpu_warning(torch.device("cpu"), (64, 64, 32), 8, 3) is None
+
+
+def test_listing_the_vocabulary_does_not_import_torch():
+    """`uniseg tasks --model sat-nano` stays light: no torch, no transformers (own process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from unisegcli.models.cards import get_model; "
+            "from unisegcli.models.families import task_table, resolve_tasks; "
+            "card = get_model('sat-nano'); task_table(card); resolve_tasks(card, 'liver,L1'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
