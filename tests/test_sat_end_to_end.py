@@ -159,7 +159,7 @@ def test_cached_embeddings_equal_live_tower(tiny_sat, single_thread):
                                live.embed_prompts(["left renal cyst"], "ct"))
 
 
-def test_term_of_another_modality_is_refused(tiny_sat, tmp_path):
+def test_term_of_another_modality_is_refused(tiny_sat, tmp_path, single_thread):
     from unisegcli.api import segment
     from unisegcli.errors import UnknownTaskError
 
@@ -168,7 +168,7 @@ def test_term_of_another_modality_is_refused(tiny_sat, tmp_path):
         segment([scan], "left kidney", output=tmp_path / "out", model=tiny_sat, modality="pet")
 
 
-def test_cli_prepare_and_segment(tiny_sat, tmp_path):
+def test_cli_prepare_and_segment(tiny_sat, tmp_path, single_thread):
     from typer.testing import CliRunner
 
     from unisegcli.cli.app import app
