@@ -150,16 +150,16 @@ def queries_for(net: Any, tasks: Sequence["TaskCard"], modality: str, model: str
     """[N, d] query embeddings: from the prepared table when possible, else the live tower."""
     import torch
 
+    table = getattr(net, "embedding_table", None)
     rows: list[torch.Tensor | None] = []
     live: list[int] = []
     for i, task in enumerate(tasks):
-        if not task.extra.get("free_text"):
-            problem = vocabulary.check_modality(
-                vocabulary.Match(task.name, task.name, "exact", tuple(task.extra.get("modalities", ()))), modality, model)
-            if problem:
-                raise UnknownTaskError(problem)
-        table = getattr(net, "embedding_table", None)
-        row = table.lookup(modality, task.name) if table is not None and not task.extra.get("free_text") else None
+        free = bool(task.extra.get("free_text"))
+        problem = None if free else vocabulary.modality_problem(task.name, task.extra.get("modalities", ()),
+                                                                modality, model)
+        if problem:
+            raise UnknownTaskError(problem)
+        row = table.lookup(modality, task.name) if table is not None and not free else None
         rows.append(row)
         if row is None:
             live.append(i)

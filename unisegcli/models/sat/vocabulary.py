@@ -136,12 +136,18 @@ def match(requested: str, model: str = "sat-nano") -> Match:
 def check_modality(m: Match, modality: str, model: str = "sat-nano") -> str | None:
     """None when the vocabulary has ``m`` for ``modality``; else a one-line explanation with the
     closest names of that modality (free text is never in the vocabulary)."""
-    if not m.modalities or modality in m.modalities:
+    return modality_problem(m.name, m.modalities, modality, model)
+
+
+def modality_problem(name: str, modalities: Iterable[str], modality: str, model: str = "sat-nano") -> str | None:
+    """``check_modality`` for a name whose vocabulary modalities are known (() = free text)."""
+    modalities = tuple(modalities)
+    if not modalities or modality in modalities:
         return None
     names = load_vocabulary().get(modality, ())
-    close = difflib.get_close_matches(m.name, list(names), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
     hint = f" Closest {modality} terms: {', '.join(repr(c) for c in close)}." if close else ""
-    return (f"'{m.name}' is in SAT's vocabulary for {', '.join(m.modalities)}, not for {modality}.{hint} "
+    return (f"'{name}' is in SAT's vocabulary for {', '.join(modalities)}, not for {modality}.{hint} "
             f"See `uniseg tasks --model {model}`.")
 
 
