@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from unisegcli.errors import CheckpointError
-from unisegcli.models.sat import NANO, PRO, TextConfig, load_sat
+from unisegcli.models.sat import NANO, PRO, SatConfig, TextConfig, load_sat
 from unisegcli.models.sat.loader import load_segmenter, load_text_encoder
 from unisegcli.models.sat.network import SatSegmenter, positional_encoding_3d
 from unisegcli.models.sat.text import SatTextEncoder, merge_modality, relative_position_bucket, tokenize
@@ -25,6 +25,8 @@ DATA = Path(__file__).parent / "data"
 TINY = DATA / "sat_tiny"
 MANIFEST = json.loads((TINY / "manifest.json").read_text())
 WINDOW = tuple(MANIFEST["config"]["image_size"])
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny convolutions: 1 thread is fastest
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +186,31 @@ def test_modality_merging_and_buckets():
     assert buckets.min() >= 0 and buckets.max() <= 31
     assert buckets[200].item() == 0  # distance 0
     assert buckets[199].item() != buckets[201].item()  # direction matters
+
+
+def test_other_configuration_round_trips_through_the_released_format(tmp_path):
+    """A Pro-like small config (3 convs per stage, wider projection) saved as SAT's trainer saves
+    it (module. prefix, deep-supervision heads, optimizer state) loads back with the widths read
+    from the tensors, and computes the same logits."""
+    config = SatConfig(features=(4, 8, 8, 12, 16, 20), n_conv=3, query_dim=24, proj_hidden=40, ff_dim=16,
+                       mask_mid=12, window=(64, 64, 32))
+    text_config = TextConfig(vocab_size=50, hidden=24, layers=3, heads=6, intermediate=20, max_positions=30)
+    torch.manual_seed(3)
+    seg, text = SatSegmenter(config).eval(), SatTextEncoder(text_config).eval()
+    seg_state = {"module." + k: v for k, v in seg.state_dict().items()}
+    seg_state["module.mid_mask_embed_proj.0.0.weight"] = torch.zeros(3, 24)
+    torch.save({"step": 7, "model_state_dict": seg_state, "optimizer_state_dict": {"state": {}, "param_groups": []}},
+               tmp_path / "seg.pth")
+    text_state = {"module." + k: v for k, v in text.state_dict().items()}
+    text_state["module.text_tower.biolord.embeddings.position_ids"] = torch.arange(30)[None]
+    torch.save({"step": 7, "model_state_dict": text_state}, tmp_path / "text.pth")
+
+    loaded = load_sat(tmp_path / "seg.pth", tmp_path / "text.pth", window=(64, 64, 32))
+    assert loaded.config == config
+    assert loaded.text.config.layers == 3 and loaded.text.config.heads == 6
+    ids = torch.tensor([[6, 11, 12, 7, 0], [6, 13, 7, 0, 0]])
+    image = torch.randn(1, 1, 64, 64, 32)
+    with torch.no_grad():
+        queries = text(ids, (ids > 0).long(), "mri")
+        torch.testing.assert_close(loaded.encode_text(ids, (ids > 0).long(), "mri"), queries)
+        torch.testing.assert_close(loaded(queries, image), seg(queries, image))
