@@ -163,9 +163,15 @@ def test_term_of_another_modality_is_refused(tiny_sat, tmp_path, single_thread):
     from unisegcli.api import segment
     from unisegcli.errors import UnknownTaskError
 
+    from unisegcli.errors import UsageError
+    from unisegcli.models.sat import family
+
     scan = save_nifti(tmp_path / "ct.nii.gz", body_ct(), make_affine("ras"))
     with pytest.raises(UnknownTaskError, match="not for pet"):
         segment([scan], "left kidney", output=tmp_path / "out", model=tiny_sat, modality="pet")
+    with pytest.raises(UsageError, match="expected ct, mri or pet"):
+        segment([scan], "left kidney", output=tmp_path / "out", model=tiny_sat, modality="xray")
+    assert family.checked_modality("MR") == family.checked_modality("T1") == "mri"
 
 
 def test_cli_prepare_and_segment(tiny_sat, tmp_path, single_thread):

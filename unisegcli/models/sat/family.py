@@ -118,6 +118,13 @@ def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings
     from unisegcli.models.sat.embeddings import cached_table
     from unisegcli.models.sat.loader import load_sat
 
+    if settings is not None and settings.modality:  # a bad --modality fails before the weights load
+        modality = checked_modality(settings.modality)
+        for task in tasks:
+            problem = None if task.extra.get("free_text") else vocabulary.modality_problem(
+                task.name, task.extra.get("modalities", ()), modality, card.name)
+            if problem:
+                raise UnknownTaskError(problem)
     network = dict(card.network or {})
     window = tuple(network.get("window", DEFAULT_WINDOW))
     text = files.get("text_encoder") if (not tasks or _needs_text_tower(card, tasks)) else None
@@ -129,16 +136,22 @@ def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings
     return net
 
 
+def checked_modality(value: str) -> str:
+    """--modality merged as SAT merges it (e.g. "MR", "t1" -> mri); ct, mri or pet, else an error."""
+    from unisegcli.models.sat.text import merge_modality
+
+    modality = merge_modality(value)
+    if modality not in ("ct", "mri", "pet"):
+        raise UsageError(f"--modality is '{value}'; expected ct, mri or pet for SAT models.")
+    return modality
+
+
 def run_modality(loaded: "LoadedCase", image: np.ndarray, settings: "RunSettings", warn: Any) -> str:
     """--modality (merged as SAT does), else a guess from the intensities with a warning."""
     from unisegcli.models.sat.pipeline import guess_modality
-    from unisegcli.models.sat.text import merge_modality
 
     if settings.modality:
-        modality = merge_modality(settings.modality)
-        if modality not in ("ct", "mri", "pet"):
-            raise UsageError(f"--modality is '{settings.modality}'; expected ct, mri or pet for SAT models.")
-        return modality
+        return checked_modality(settings.modality)
     modality = guess_modality(image)
     if warn is not None:
         warn(loaded.case.case_id, f"no --modality given; guessed '{modality}' from the intensity range "
