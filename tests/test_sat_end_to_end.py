@@ -45,7 +45,8 @@ def tiny_sat(tmp_path, monkeypatch) -> str:
     for f in model["files"]:
         blob = (folder / f["name"]).read_bytes()
         f.update(urls=[], sha256=hashlib.sha256(blob).hexdigest(), size_bytes=len(blob))
-    model.update(version="test", network={"window": [64, 64, 32], "max_queries": 2})
+    window = json.loads((TINY / "manifest.json").read_text())["config"]["image_size"]
+    model.update(version="test", network={"window": window, "max_queries": 2})
     registry = {"schema_version": 1, "task_sets": {"sat-vocabulary": []}, "models": {"sat-tiny": model}}
     path = tmp_path / "registry.json"
     path.write_text(json.dumps(registry))
@@ -139,7 +140,8 @@ def test_cached_embeddings_equal_live_tower(tiny_sat, single_thread):
     live_q = family.queries_for(live, tasks[:2], "ct", card.name)
 
     path = family.prepare(card, quiet=True)
-    assert path == table_path(card) and path.stat().st_size < 498 * 48 * 4 + 40_000
+    dim = live.text.config.hidden
+    assert path == table_path(card) and path.stat().st_size < 498 * dim * 4 + 40_000
     table = cached_table(card)
     assert table is not None and len(table.terms) == 498
     assert "text_encoder" not in needed_roles(card, tasks)

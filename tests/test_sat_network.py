@@ -88,9 +88,9 @@ def test_intermediates_match_upstream(tiny):
 
 
 def test_positional_encoding_matches_package():
-    grid = MANIFEST["config"]["pe_grid"]
-    expected = _load("pe3d_grid_3x2x4_c48.npy").reshape(*grid, 48)
-    np.testing.assert_allclose(positional_encoding_3d(grid, 48).numpy(), expected, atol=1e-6)
+    grid, dim = MANIFEST["config"]["pe_grid"], MANIFEST["config"]["query_dim"]
+    expected = _load(MANIFEST["files"]["pe3d"]["file"]).reshape(*grid, dim)
+    np.testing.assert_allclose(positional_encoding_3d(grid, dim).numpy(), expected, atol=1e-6)
 
 
 def _keys(module: torch.nn.Module) -> list[list]:

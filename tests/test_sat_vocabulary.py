@@ -132,8 +132,9 @@ def test_task_table_rows():
 def test_normalisation_matches_upstream(modality):
     from unisegcli.models.sat.pipeline import normalize
 
-    x = np.load(TINY / f"norm_input_{modality}.npy")
-    np.testing.assert_allclose(normalize(x, modality), np.load(TINY / f"norm_expected_{modality}.npy"),
+    files = MANIFEST["helpers"]["normalization"][modality]
+    x = np.load(TINY / files["input"]["file"])
+    np.testing.assert_allclose(normalize(x, modality), np.load(TINY / files["expected"]["file"]),
                                atol=1e-5, rtol=0)
 
 
@@ -143,8 +144,9 @@ def test_gaussian_matches_upstream():
 
     from unisegcli.inference.gaussian import gaussian_importance
 
-    expected = np.load(TINY / "gaussian_tile_20x16x12.npy")  # (H, W, D) = (x, y, z)
-    ours = gaussian_importance((12, 16, 20), dtype=torch.float16).numpy()  # (z, y, x)
+    tile = MANIFEST["helpers"]["gaussian_tile"]
+    expected = np.load(TINY / tile["file"])  # (H, W, D) = (x, y, z)
+    ours = gaussian_importance(tuple(reversed(tile["shape"])), dtype=torch.float16).numpy()  # (z, y, x)
     np.testing.assert_array_equal(ours.transpose(2, 1, 0), expected)
 
 
@@ -152,7 +154,7 @@ def test_engine_windows_cover_like_split_3d():
     """Same number of windows per axis as SAT's split_3d, first at 0, last ending at the border."""
     from unisegcli.inference.tiling import compute_steps
 
-    cases = json.loads((TINY / "split_3d_windows.json").read_text())
+    cases = json.loads((TINY / MANIFEST["helpers"]["split_3d"]["file"]).read_text())
     for case in cases:
         size = case["chwd"][1:]
         crop = case["crop_size"]
