@@ -48,7 +48,7 @@ def test_text_embeddings_match_upstream(tiny, case):
     with torch.no_grad():
         got = tiny.encode_text(ids, mask, case["modality"]).numpy()
         pooled = tiny.text.pooled(ids, mask).numpy()
-    np.testing.assert_allclose(pooled, _load(f"debug/{case['id']}_text_pooled.npy"), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pooled, _load(case["debug"]["text_pooled"]["file"]), atol=1e-5, rtol=0)
     np.testing.assert_allclose(got, _load(case["expected_text_embeddings"]["file"]), atol=1e-5, rtol=0)
 
 
@@ -79,11 +79,11 @@ def test_intermediates_match_upstream(tiny):
     with torch.no_grad():
         skips, _ = tiny.segmenter.backbone(image)
         tokens = tiny.segmenter.memory_tokens(skips)
-    np.testing.assert_allclose(skips[-1].numpy(), _load(f"debug/{case['id']}_bottleneck.npy"), atol=5e-5)
-    expected_tokens = _load(f"debug/{case['id']}_image_tokens.npy")  # [B, h, w, d, C]
+    np.testing.assert_allclose(skips[-1].numpy(), _load(case["debug"]["bottleneck"]["file"]), atol=5e-5)
+    expected_tokens = _load(case["debug"]["image_tokens"]["file"])  # [B, h, w, d, C]
     b, c = expected_tokens.shape[0], expected_tokens.shape[-1]
     np.testing.assert_allclose(tokens.numpy(), expected_tokens.reshape(b, -1, c).transpose(1, 0, 2), atol=5e-5)
-    np.testing.assert_allclose(tiny.segmenter.pos_embedding.numpy(), _load(f"debug/{case['id']}_pos_embedding.npy"),
+    np.testing.assert_allclose(tiny.segmenter.pos_embedding.numpy(), _load(case["debug"]["pos_embedding"]["file"]),
                                atol=1e-6)
 
 
