@@ -21,7 +21,7 @@ REGISTRY_PATH = Path(__file__).resolve().parent.parent / "weights_registry.json"
 REGISTRY_ENV = "UNISEG_REGISTRY"  # a site's own registry file replaces the shipped one
 SCHEMA_VERSION = 1
 MODALITIES = ("CT", "MR", "PET", "CT+PET")
-NORMALIZATION_SCHEMES = ("ct_clip_scale", "zscore")
+NORMALIZATION_SCHEMES = ("ct_clip_scale", "zscore", "nnunet_plans")  # nnunet_plans: read from the model's plans.json
 
 
 class RegistryError(UsageError):

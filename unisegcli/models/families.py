@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 FAMILY_MODULES = {
     "uniseg": "unisegcli.models.uniseg.family",
+    "nnunet": "unisegcli.models.nnunet.family",
 }
 
 
