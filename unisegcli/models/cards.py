@@ -256,6 +256,11 @@ def get_model(name: str, path: Path | None = None) -> ModelCard:
         return built
     models = load_registry(path)
     if name not in models:
+        from unisegcli.models.imported import imported_card  # `uniseg weights import nnunet ... --name`
+
+        imported = imported_card(name)
+        if imported is not None:
+            return imported
         raise UnknownModelError(
             f"unknown model '{name}'{suggest(name, models)} Known models: "
             f"{', '.join(sorted(models))}. Run `uniseg models` to list them."
