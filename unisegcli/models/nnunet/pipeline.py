@@ -214,12 +214,19 @@ def _export_steps(trace: Trace) -> tuple[list[ResampleStep], CropStep | None]:
 
 def resample_logits(logits: "torch.Tensor", trace: Trace, folder: "ResultsFolder") -> "torch.Tensor":
     """[K, z, y, x] network-grid logits -> the cropped input grid (order 1, order_z 0)."""
+    import torch
+
     kwargs = folder.configuration.get("resampling_fn_probabilities_kwargs") or {}
-    out = logits
+    half = logits.dtype == torch.float16
+    # nnU-Net resamples float16 logits in float64 and stores float16 (one rounding, numpy's);
+    # torch's float64 -> float16 cast rounds twice (through float32), so numpy casts here.
+    out = logits.double() if half else logits
     for step in reversed(_export_steps(trace)[0]):
         out = resample_to_shape(out, step.shape_before, step.spacing_after_mm, step.spacing_before_mm,
                                 order=int(kwargs.get("order", 1)), order_z=int(kwargs.get("order_z", 0)),
                                 force_separate_z=kwargs.get("force_separate_z"))
+    if half:
+        out = torch.from_numpy(out.cpu().numpy().astype(np.float16)).to(logits.device)
     return out
 
 
