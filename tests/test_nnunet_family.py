@@ -272,3 +272,23 @@ def test_folds_are_averaged(exact: bool, tmp_path: Path) -> None:
 
 def test_needed_roles_of_a_single_folder_model_is_everything(card) -> None:
     assert needed_roles(card, card.tasks[:1]) == set()  # no files: the folder is used in place
+
+
+def test_cli_runs_a_results_folder_and_lists_its_tasks(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from unisegcli.cli.app import app
+
+    runner = CliRunner(env={"COLUMNS": "250"})
+    listed = runner.invoke(app, ["tasks", "--model", f"nnunet:{RESULTS}"])
+    assert listed.exit_code == 0 and all(n in listed.output for n in ("liver", "spleen", "kidney"))
+    result = runner.invoke(app, [str(FIXTURE / "inputs" / "realct_0000.nii.gz"), "-o", str(tmp_path / "out"),
+                                 "--model", f"nnunet:{RESULTS}", "--tasks", "kidney", "--nnunet-exact",
+                                 "--folds", "0"])
+    assert result.exit_code == 0, result.output
+    mask = np.asarray(nib.load(str(tmp_path / "out" / "kidney.nii.gz")).dataobj)
+    expected = np.asarray(nib.load(str(FIXTURE / "expected_nomirror" / "realct.nii.gz")).dataobj)
+    np.testing.assert_array_equal(mask > 0, expected == 3)
+    bad = runner.invoke(app, [str(FIXTURE / "inputs" / "realct_0000.nii.gz"), "-o", str(tmp_path / "o2"),
+                              "--model", f"nnunet:{tmp_path / 'nothing'}", "--tasks", "kidney"])
+    assert bad.exit_code == 4 and "does not exist" in bad.output
