@@ -81,7 +81,8 @@ def reference(folder: Path, scan: Path, mirror: bool) -> np.ndarray:
     ({"reader": "SimpleITKIO", "transpose": (2, 0, 1)}, True),
     ({"transpose": (1, 2, 0), "regions": True}, False),
     ({"reader": "NibabelIO", "no_mirroring": True}, True),
-], ids=["simpleitk", "simpleitk-transposed-mirror", "transposed-regions", "nibabel-nomirroring"])
+    ({"reader": "SimpleITKIOWithReorient"}, False),
+], ids=["simpleitk", "simpleitk-transposed-mirror", "transposed-regions", "nibabel-nomirroring", "simpleitk-reorient"])
 def test_exact_mode_matches_nnunetv2_predictor(case: str, options: dict, mirror: bool, tmp_path: Path) -> None:
     folder = variant(tmp_path, **options)
     scan = FIXTURE / "inputs" / f"{case}_0000.nii.gz"

@@ -2,8 +2,8 @@
 
 Follows nnU-Net v2.8.1 (MIC-DKFZ/nnUNet) step by step:
 
-1. the plans' reader (``plans["image_reader_writer"]``): ``NibabelIOWithReorient`` gives the
-   RAS-reoriented array (S, A, R) = our internal array; ``SimpleITKIO``/``NibabelIO`` give the
+1. the plans' reader (``plans["image_reader_writer"]``): ``NibabelIOWithReorient`` and
+   ``SimpleITKIOWithReorient`` give the RAS-reoriented array (S, A, R) = our internal array; ``SimpleITKIO``/``NibabelIO`` give the
    file's voxel order reversed (k, j, i) with the file's zooms reversed
    (``imageio/simpleitk_reader_writer.py``, ``imageio/nibabel_reader_writer.py``);
 2. ``transpose_forward`` on array axes and spacing (``DefaultPreprocessor.run_case_npy``);
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from unisegcli.io.nifti import Scan
     from unisegcli.models.nnunet.folder import Label, ResultsFolder
 
-REORIENTING_READERS = ("NibabelIOWithReorient",)
-FILE_ORDER_READERS = ("SimpleITKIO", "NibabelIO", "SimpleITKIOWithReorient")
+REORIENTING_READERS = ("NibabelIOWithReorient", "SimpleITKIOWithReorient")  # both: closest RAS, (S, A, R)
+FILE_ORDER_READERS = ("SimpleITKIO", "NibabelIO")
 SCHEMES = ("CTNormalization", "ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization",
            "RGBTo01Normalization")
 
@@ -71,8 +71,7 @@ def reader_layout(folder: "ResultsFolder") -> Layout:
     if sorted(transpose) != [0, 1, 2]:
         raise CheckpointError(f"{folder.path.name}: plans.json transpose_forward {transpose} is not a "
                               "permutation of (0, 1, 2); the plans file is damaged.")
-    return Layout(reader in FILE_ORDER_READERS and reader != "SimpleITKIOWithReorient",
-                  transpose)  # type: ignore[arg-type]
+    return Layout(reader in FILE_ORDER_READERS, transpose)  # type: ignore[arg-type]
 
 
 def to_network_layout(image_czyx: np.ndarray, spacing_mm: Sequence[float], scan: "Scan | None",
