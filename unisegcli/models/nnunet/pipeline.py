@@ -234,22 +234,32 @@ def export_segmentation(logits: "torch.Tensor", prepared: Prepared, folder: "Res
     """nnU-Net's label map (uint8, its label values) in our internal [Z, Y, X] grid.
 
     Regions: sigmoid > 0.5 (logit > 0) paints ``regions_class_order[i]`` for region i in order.
+    Channels are resampled one at a time (nnU-Net resamples each channel on its own), so the
+    full-resolution [K, Z, Y, X] array never exists; labels keep a running argmax (the lower
+    label wins ties, as ``argmax``).
     """
     import torch
 
-    if not folder.is_regions:
-        from unisegcli.postprocessing.restore import restore_label_map
-
-        labels = restore_label_map(logits, prepared.trace)  # argmax index = label value (0..K-1)
-    else:
-        resampled = resample_logits(logits, prepared.trace, folder)
-        seg = torch.zeros(resampled.shape[1:], dtype=torch.uint8, device=resampled.device)
-        for channel, label in enumerate(folder.labels()):
-            seg[resampled[channel] > 0] = label.value
-        crop = prepared.trace.crop
-        labels = seg.cpu().numpy()
-        if crop is not None:
-            labels = insert_into_bbox(np.zeros(crop.shape_before, dtype=np.uint8), labels, crop.bbox)
+    regions = folder.labels() if folder.is_regions else None
+    seg: "torch.Tensor | None" = None
+    best: "torch.Tensor | None" = None
+    for k in range(logits.shape[0]):
+        channel = resample_logits(logits[k:k + 1], prepared.trace, folder)[0]
+        if seg is None:
+            seg = torch.zeros(channel.shape, dtype=torch.uint8, device=channel.device)
+        if regions is not None:
+            seg[channel > 0] = regions[k].value
+        elif best is None:
+            best = channel.clone()
+        else:
+            better = channel > best
+            best = torch.where(better, channel, best)
+            seg.masked_fill_(better, k)
+    assert seg is not None
+    labels = seg.cpu().numpy()
+    crop = prepared.trace.crop
+    if crop is not None:
+        labels = insert_into_bbox(np.zeros(crop.shape_before, dtype=np.uint8), labels, crop.bbox)
     return from_network_layout(labels, scan, prepared.layout)
 
 
