@@ -134,3 +134,35 @@ def test_residual_encoder_unet_matches_nnunetv2(case: str, tmp_path: Path) -> No
     for value, name in ((1, "liver"), (2, "spleen"), (3, "kidney")):
         mask = np.asarray(nib.load(str(result.cases[0].masks[name])).dataobj) > 0
         np.testing.assert_array_equal(mask, expected == value, err_msg=name)
+
+
+def two_d_variant(tmp_path: Path) -> Path:
+    """The fixture's 2d configuration as a results folder with random weights."""
+    from unisegcli.models.nnunet.network import build_network
+
+    folder = variant(tmp_path)
+    target = folder.with_name("nnUNetTrainer__nnUNetPlans__2d")
+    folder.rename(target)
+    plans = json.loads((target / "plans.json").read_text())
+    torch.manual_seed(1)
+    net = build_network(plans["configurations"]["2d"]["architecture"], 1, 4)
+    path = target / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["network_weights"] = net.state_dict()
+    checkpoint["init_args"]["configuration"] = "2d"
+    checkpoint["inference_allowed_mirroring_axes"] = (0, 1)
+    torch.save(checkpoint, path)
+    return target
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["nomirror", "mirror"])
+def test_2d_configuration_matches_nnunetv2(mirror: bool, tmp_path: Path) -> None:
+    folder = two_d_variant(tmp_path)
+    scan = FIXTURE / "inputs" / "synth_lps_0000.nii.gz"
+    expected = reference(folder, scan, mirror=mirror)
+    result = segment([scan], "liver,spleen,kidney", output=tmp_path / "out", model=f"nnunet:{folder}",
+                     nnunet_exact=True, tta=mirror)
+    assert len(set(np.unique(expected).tolist())) >= 2
+    for value, name in ((1, "liver"), (2, "spleen"), (3, "kidney")):
+        mask = np.asarray(nib.load(str(result.cases[0].masks[name])).dataobj) > 0
+        np.testing.assert_array_equal(mask, expected == value, err_msg=name)

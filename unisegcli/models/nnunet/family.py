@@ -171,13 +171,34 @@ def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings
     return model
 
 
+def _blend(volume: "torch.Tensor", net: Any, patch: Sequence[int], two_d: bool, *, progress: Any = None,
+           **options: Any) -> "torch.Tensor":
+    """Sliding-window logits [K, Z, Y, X]; a 2D configuration runs slice by slice along axis 0,
+    as nnU-Net's 2D predictor does (so windows never span or repeat slices)."""
+    import torch
+
+    from unisegcli.inference.engine import sliding_window
+
+    if not two_d:
+        return sliding_window(volume, net, patch, progress=progress, **options)[0]
+    depth = volume.shape[1]
+    slices = []
+    for z in range(depth):
+        def report(done: int, total: int, _z: int = z) -> None:
+            if progress is not None:
+                progress(_z * total + done, total * depth)
+
+        slices.append(sliding_window(volume[:, z:z + 1], net, patch, progress=report, **options)[0])
+    return torch.cat(slices, dim=1)
+
+
 def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settings: "RunSettings",
              device: "torch.device", progress: Any = None,
              ) -> tuple["torch.Tensor", Any]:
     """Preprocess, sliding window (folds averaged) -> (logits [K, z, y, x], Prepared)."""
     import torch
 
-    from unisegcli.inference.engine import Head, auto_batch_size, sliding_window
+    from unisegcli.inference.engine import Head, auto_batch_size
     from unisegcli.models.nnunet.network import FoldAverage, SliceNetwork
     from unisegcli.models.nnunet.pipeline import preprocess_case
 
@@ -191,11 +212,12 @@ def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settin
                                compute_dtype=torch.float64 if exact else None)
     patch = [int(p) for p in part.folder.configuration["patch_size"]]
     predictors = [f.network for f in part.folds]
-    if len(patch) == 2:
+    two_d = len(patch) == 2
+    if two_d:
         patch = [1, *patch]
         predictors = [SliceNetwork(n) for n in predictors]
     axes = part.mirror_axes
-    if len(part.folder.configuration["patch_size"]) == 2 and axes is not None:
+    if two_d and axes is not None:
         axes = tuple(a + 1 for a in axes)  # 2D mirroring axes count in the slice
     tta = bool(settings.tta) and bool(axes)
     options = dict(step=settings.step, tta=tta, mirror_axes=axes or (0, 1, 2), precision=settings.precision,
@@ -215,7 +237,7 @@ def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settin
             if progress is not None:
                 progress(_n * total + done, total * len(runs))
 
-        (out,) = sliding_window(prepared.tensor, net, patch, batch_size=batch, progress=report, **options)
+        out = _blend(prepared.tensor, net, patch, two_d, batch_size=batch, progress=report, **options)
         if exact:
             out = out.half()  # nnU-Net sums the folds' float16 logits in float16
         logits = out if logits is None else logits + out
