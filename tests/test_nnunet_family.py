@@ -292,3 +292,29 @@ def test_cli_runs_a_results_folder_and_lists_its_tasks(tmp_path: Path) -> None:
     bad = runner.invoke(app, [str(FIXTURE / "inputs" / "realct_0000.nii.gz"), "-o", str(tmp_path / "o2"),
                               "--model", f"nnunet:{tmp_path / 'nothing'}", "--tasks", "kidney"])
     assert bad.exit_code == 4 and "does not exist" in bad.output
+
+
+def test_old_plans_format_builds_the_same_network(tmp_path: Path, model) -> None:
+    """Plans from nnU-Net < 2.4 (TotalSegmentator's v2.0.0 weights) describe the network by
+    UNet_class_name and friends; the rebuilt network loads the same weights, same answer."""
+    folder = tmp_path / "Dataset999_Tiny" / RESULTS.name
+    shutil.copytree(RESULTS, folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    kwargs = config.pop("architecture")["arch_kwargs"]
+    config.update(UNet_class_name="PlainConvUNet", UNet_base_num_features=4, unet_max_num_features=32,
+                  n_conv_per_stage_encoder=kwargs["n_conv_per_stage"],
+                  n_conv_per_stage_decoder=kwargs["n_conv_per_stage_decoder"],
+                  num_pool_per_axis=[2, 3, 3], pool_op_kernel_sizes=kwargs["strides"],
+                  conv_kernel_sizes=kwargs["kernel_sizes"])
+    (folder / "plans.json").write_text(json.dumps(plans))
+    legacy = read_results_folder(folder)
+    assert legacy.configuration["architecture"]["arch_kwargs"] == kwargs
+    fold = load_fold(legacy, "0")
+    x = torch.randn(1, 1, 12, 32, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(fold.network(x), model.parts[""].folds[0].network(x), rtol=0, atol=0)
+    config["UNet_class_name"] = "MyOwnUNet"
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(CheckpointError, match="MyOwnUNet"):
+        read_results_folder(folder)

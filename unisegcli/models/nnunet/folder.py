@@ -8,6 +8,11 @@ Facts from nnU-Net v2.8.1 (MIC-DKFZ/nnUNet):
 * ``plans.json`` ``configurations[name]`` may name a parent in ``inherits_from``: the parent
   dict updated with the child's keys (``plans_handler.PlansManager._internal_resolve_
   configuration_inheritance``);
+* plans written before nnU-Net 2.4 have no ``architecture`` but ``UNet_class_name``,
+  ``UNet_base_num_features``, ``unet_max_num_features``, ``n_conv_per_stage_encoder/decoder``,
+  ``pool_op_kernel_sizes``, ``conv_kernel_sizes``; nnU-Net rebuilds the architecture from them
+  (``plans_handler.ConfigurationManager.__init__``), and so does ``legacy_architecture``
+  (TotalSegmentator's v2.0.0 weights predate 2.4);
 * ``dataset.json`` ``labels`` maps name -> int, or name -> list of ints for region training
   (then ``regions_class_order`` gives the label each region paints, in order;
   ``utilities/label_handling/label_handling.py``); ``channel_names`` one entry per input file.
@@ -128,7 +133,51 @@ def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]
     for entry in reversed(chain):
         resolved.update(entry)
     resolved.pop("inherits_from", None)
+    if "architecture" not in resolved and "UNet_class_name" in resolved:
+        resolved["architecture"] = legacy_architecture(resolved)
     return resolved
+
+
+LEGACY_CLASSES = {  # dynamic_network_architectures >= 0.3 keeps both in architectures.unet
+    "PlainConvUNet": ("dynamic_network_architectures.architectures.unet.PlainConvUNet", "n_conv_per_stage"),
+    "ResidualEncoderUNet": ("dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                            "n_blocks_per_stage"),
+}
+
+
+def legacy_architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``architecture`` entry of an old (< 2.4) plans configuration, as nnU-Net rebuilds it:
+    features ``min(base * 2**s, max)``, bias, InstanceNorm(eps 1e-5, affine), LeakyReLU."""
+    name = config["UNet_class_name"]
+    if name not in LEGACY_CLASSES:
+        raise CheckpointError(
+            f"plans.json (old format) names UNet_class_name '{name}'; expected one of "
+            f"{', '.join(LEGACY_CLASSES)}. Re-plan the dataset with nnU-Net >= 2.4."
+        )
+    class_name, blocks_key = LEGACY_CLASSES[name]
+    stages = len(config["n_conv_per_stage_encoder"])
+    dim = len(config["patch_size"])
+    base, top = int(config["UNet_base_num_features"]), int(config["unet_max_num_features"])
+    return {
+        "network_class_name": class_name,
+        "arch_kwargs": {
+            "n_stages": stages,
+            "features_per_stage": [min(base * 2 ** s, top) for s in range(stages)],
+            "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+            "kernel_sizes": [list(k) for k in config["conv_kernel_sizes"]],
+            "strides": [list(k) for k in config["pool_op_kernel_sizes"]],
+            blocks_key: list(config["n_conv_per_stage_encoder"]),
+            "n_conv_per_stage_decoder": list(config["n_conv_per_stage_decoder"]),
+            "conv_bias": True,
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
 
 
 def _fold_checkpoints(path: Path) -> dict[str, Path]:
