@@ -56,6 +56,10 @@ def test_cli_imports_a_zip_and_the_name_runs_like_the_folder(tmp_path: Path, _ho
         "dataset.json", "fold_0/checkpoint_final.pth", "plans.json"]
     assert imported.read_imported()["tiny"]["spec"] == f"nnunet:{cached}"
 
+    listed = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["models"])
+    assert listed.exit_code == 0
+    assert any("tiny" in line and "imported from" in line and "nnunet" in line
+               for line in listed.output.splitlines())
     card = get_model("tiny")
     assert card.name == "tiny" and card.family == "nnunet" and [t.name for t in card.tasks] == [
         "liver", "spleen", "kidney"]
