@@ -166,3 +166,28 @@ def test_2d_configuration_matches_nnunetv2(mirror: bool, tmp_path: Path) -> None
     for value, name in ((1, "liver"), (2, "spleen"), (3, "kidney")):
         mask = np.asarray(nib.load(str(result.cases[0].masks[name])).dataobj) > 0
         np.testing.assert_array_equal(mask, expected == value, err_msg=name)
+
+
+@pytest.mark.parametrize("scheme,use_mask", [("ZScoreNormalization", True), ("ZScoreNormalization", False),
+                                             ("RescaleTo01Normalization", False), ("CTNormalization", False)])
+def test_normalisation_schemes_match_nnunetv2(scheme: str, use_mask: bool) -> None:
+    try:
+        from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
+        from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+    except ImportError as exc:
+        pytest.skip(f"nnunetv2 is not importable: {exc}")
+    from unisegcli.models.nnunet.pipeline import _fill_holes_mask, normalize_channel_nnunet
+
+    rng = np.random.default_rng(4)
+    image = np.zeros((1, 12, 14, 16), dtype=np.float32)
+    image[0, 2:10, 3:12, 2:14] = rng.normal(300, 80, size=(8, 9, 12))
+    image[0, 5, 6, 7] = 0  # a hole inside the body: filled, so it counts for the statistics
+    properties = {"mean": 90.0, "std": 200.0, "percentile_00_5": 50.0, "percentile_99_5": 400.0}
+    theirs_cls = getattr(schemes, scheme)(use_mask_for_norm=use_mask, intensityproperties=properties)
+    mask = create_nonzero_mask(image)
+    seg = np.where(mask, 0, -1)[None].astype(np.int8)
+    theirs = theirs_cls.run(image[0].copy(), seg[0])
+    ours_mask = torch.from_numpy(_fill_holes_mask(image))
+    np.testing.assert_array_equal(ours_mask.numpy(), mask)
+    ours, _ = normalize_channel_nnunet(torch.from_numpy(image[0]), scheme, use_mask, ours_mask, properties)
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-5)
