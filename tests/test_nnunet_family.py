@@ -100,7 +100,8 @@ def test_network_from_plans_loads_the_checkpoint_strictly(model) -> None:
 
 def test_plans_may_only_name_allow_listed_classes() -> None:
     assert locate("torch.nn.modules.conv.Conv3d") is torch.nn.Conv3d
-    for bad in ("os.system", "builtins.eval", "subprocess.Popen", "torch.nn..x", "torch.load"):
+    for bad in ("os.system", "builtins.eval", "subprocess.Popen", "torch.nn..x", "torch.load",
+                "torch.nn.functional.torch.load", "torch.nn.functional.relu"):
         with pytest.raises(CheckpointError, match="refused|expected a class"):
             locate(bad)
     arch = json.loads((RESULTS / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
@@ -318,3 +319,15 @@ def test_old_plans_format_builds_the_same_network(tmp_path: Path, model) -> None
     (folder / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(CheckpointError, match="MyOwnUNet"):
         read_results_folder(folder)
+
+
+def test_ignore_label_is_no_output_and_names_stay_unique(tmp_path: Path) -> None:
+    folder = tmp_path / "Dataset999_Tiny" / RESULTS.name
+    shutil.copytree(RESULTS, folder)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "Left Kidney": 1, "left-kidney": 2, "kidney": 3, "ignore": 4}
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    card = get_model(f"nnunet:{folder}")
+    assert [t.name for t in card.tasks] == ["left_kidney", "left_kidney_2", "kidney"]
+    net = family.load(card, {}, settings=RunSettings(), tasks=card.tasks)  # 4 outputs: loads strictly
+    assert net.parts[""].folder.num_outputs == 4

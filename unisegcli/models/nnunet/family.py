@@ -70,6 +70,8 @@ def cards_from_folder(folder: "ResultsFolder", *, name: str, source: str) -> "Mo
         if label.region is not None:
             extra["region"] = list(label.region)
         task_name = structure_name(label.name)
+        if any(t.name == task_name for t in tasks):  # two labels that differ only in punctuation
+            task_name = f"{task_name}_{label.value}"
         tasks.append(TaskCard(
             name=task_name, index=index, modality=modality_of(folder.channel_names), channels=channels,
             labels={1: task_name}, spacing_mm=spacing,  # type: ignore[arg-type]

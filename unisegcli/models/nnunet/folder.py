@@ -72,18 +72,23 @@ class ResultsFolder:
         return tuple(str(names[k]) for k in sorted(names, key=int))
 
     @property
+    def _label_items(self) -> list[tuple[str, Any]]:
+        # an "ignore" label (sparse annotations) is no network output (LabelManager)
+        return [(n, v) for n, v in self.dataset["labels"].items() if n != "ignore"]
+
+    @property
     def is_regions(self) -> bool:
-        return any(isinstance(v, (list, tuple)) for v in self.dataset["labels"].values())
+        return any(isinstance(v, (list, tuple)) for _, v in self._label_items)
 
     @property
     def num_outputs(self) -> int:
         """Output channels of the network: labels with background, or one per region."""
-        labels = self.dataset["labels"]
-        return len(labels) - 1 if self.is_regions else len(labels)
+        count = len(self._label_items)
+        return count - 1 if self.is_regions else count
 
     def labels(self) -> tuple[Label, ...]:
         """The foreground structures, in network output order (background left out)."""
-        items = list(self.dataset["labels"].items())
+        items = self._label_items
         if not self.is_regions:
             return tuple(Label(str(n), int(v)) for n, v in sorted(items, key=lambda kv: int(kv[1])) if int(v) != 0)
         order = list(self.dataset.get("regions_class_order") or [])

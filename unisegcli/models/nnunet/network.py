@@ -52,11 +52,26 @@ def locate(dotted: str) -> Any:
                 obj = getattr(obj, attr)
         except AttributeError:
             break
+        _check_located(dotted, obj)
         return obj
     raise CheckpointError(
         f"plans.json names class {dotted!r}, which this installation does not have; expected a class "
         f"of the installed dynamic_network_architectures/torch. {INSTALL_HINT}"
     )
+
+
+def _check_located(dotted: str, obj: Any) -> None:
+    """Only torch modules (classes) defined in the allowed packages: a name must not reach other
+    code through a module's imports (``torch.nn.functional.torch.load``)."""
+    from torch import nn
+
+    home = getattr(obj, "__module__", "") or ""
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)
+            and home.startswith(tuple(p.rstrip(".") for p in ALLOWED_PREFIXES))):
+        raise CheckpointError(
+            f"plans.json names {dotted!r}, which is not a network layer class of "
+            f"{' or '.join(p.rstrip('.') for p in ALLOWED_PREFIXES)}; refused. Use the plans nnU-Net wrote."
+        )
 
 
 def build_network(architecture: Mapping[str, Any], in_channels: int, num_outputs: int) -> "nn.Module":
