@@ -116,6 +116,11 @@ def test_classes_of_one_part_download_and_run_only_that_part(
     for name, value in (("liver", 1), ("spleen", 2)):
         np.testing.assert_array_equal(np.asarray(nib.load(str(masks[name])).dataobj) > 0, expected == value)
 
+    from unisegcli.api import load_network
+
+    loaded = load_network(card, tasks=resolve_tasks(card, "spleen"), offline=True)
+    assert set(loaded.parts) == {"291"}  # the network of the other part is never built
+
     # the other part only when one of its classes is asked for; the first is reused from the cache
     with pytest.warns(UnverifiedFileWarning, match="Dataset293_Mock.zip"):
         result = segment([FIXTURE / "inputs" / "realct_0000.nii.gz"], "kidney,liver", output=tmp_path / "b",
