@@ -190,10 +190,29 @@ def import_(
     path: Annotated[Path, typer.Argument(
         help="A downloaded file, a folder holding the files, or a .zip of them.")],
     quiet: QuietOpt = False,
+    as_name: Annotated[Optional[str], typer.Option(
+        "--name", help="With MODEL 'nnunet': register the nnU-Net v2 results folder (or .zip) PATH "
+                       "under this name, usable as --model NAME.")] = None,
 ) -> None:
-    """Copy files downloaded elsewhere (a browser, another machine) into the cache, checked."""
+    """Copy files downloaded elsewhere (a browser, another machine) into the cache, checked.
+
+    `uniseg weights import nnunet PATH --name NAME` imports an nnU-Net v2 results folder.
+    """
     from unisegcli.models import cache
 
+    if name == "nnunet" or as_name is not None:
+        if name != "nnunet" or not as_name:
+            from unisegcli.errors import UsageError
+
+            raise UsageError(f"`uniseg weights import {name} PATH{' --name ' + as_name if as_name else ''}`: "
+                               "--name goes with MODEL 'nnunet' only; expected `uniseg weights import "
+                               "nnunet PATH --name NAME`.")
+        from unisegcli.models.nnunet.importing import import_folder
+
+        folder = import_folder(path, as_name)
+        _stderr(quiet).print(f"imported nnU-Net model '{as_name}': {folder} (use --model {as_name})",
+                             highlight=False)
+        return
     card = _card(name)
     imported = cache.import_model(card, path)
     console = _stderr(quiet)

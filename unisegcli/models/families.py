@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 FAMILY_MODULES = {
     "uniseg": "unisegcli.models.uniseg.family",
     "sat": "unisegcli.models.sat.family",
+    "nnunet": "unisegcli.models.nnunet.family",
 }
 
 
