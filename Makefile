@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,nnunet,dicom]"
+	$(PIP) -e ".[dev,nnunet,dicom,sat]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,8 +26,16 @@ demo: venv
 test: venv
 	$(PY) -m pytest -m "not slow and not gpu and not network" $(PYTEST_ARGS)
 
+# Every benchmark in its default size (~25 min on 2 CPU cores); BENCH_ARGS="--device cuda"
+# on a GPU. Each prints its table and writes benchmarks/results/*.json (see RESULTS.md).
+BENCH_ARGS ?=
+BENCH := OMP_WAIT_POLICY=PASSIVE $(PY)
 bench: venv
-	$(PY) benchmarks/startup.py
+	$(BENCH) benchmarks/startup.py
+	$(BENCH) benchmarks/engine_vs_nnunet.py $(BENCH_ARGS)
+	$(BENCH) benchmarks/end_to_end.py $(BENCH_ARGS)
+	$(BENCH) benchmarks/multitask_scaling.py $(BENCH_ARGS)
+	$(BENCH) benchmarks/memory.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

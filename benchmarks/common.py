@@ -421,52 +421,39 @@ def lone_conv(device: "torch.device") -> tuple[Callable[[], Any], float]:
     return run, float(counter.get_total_flops())
 
 
-# ---------------------------------------------------------------- proposed optimisations
+# ---------------------------------------------------------------- network optimisations
 
 
-def proposed_network(net: "UniSegNet") -> "UniSegNet":
-    """A copy of ``net`` with the proposed network changes, patched per instance (no global
-    state, the original is untouched):
+def optimised_layout(net: "UniSegNet", device: "torch.device") -> "UniSegNet":
+    """The memory layout the product uses for this network on this device (channels_last_3d
+    for full-size networks on the CPU; see ``models.uniseg.family.prefer_channels_last``)."""
+    from unisegcli.models.uniseg.family import prefer_channels_last
 
-    1. weights and the input windows in ``channels_last_3d`` memory format, so the oneDNN
-       convolutions and transposed convolutions skip their layout reorders;
-    2. InstanceNorm3d + LeakyReLU computed in place on the conv's fresh output:
-       ``torch.var_mean`` over (z, y, x), one fused scale/shift, ``leaky_relu_``.
-       ``F.instance_norm`` is 3-5x slower on channels_last_3d tensors, and ``F.group_norm``,
-       fast there, loses precision (one-pass variance in float32: errors ~1e-2 on channels
-       with a large mean), so neither is used.
+    prefer_channels_last(net, device)
+    return net
 
-    Outputs equal the plain network's up to float32 rounding.
+
+def baseline_network(net: "UniSegNet") -> "UniSegNet":
+    """A copy of ``net`` as it ran before the network optimisations, to measure what they
+    bought: contiguous (NCDHW) layout, and every block through ``InstanceNorm3d`` and
+    ``LeakyReLU`` modules instead of the in-place norm (``network._norm_act``). The original
+    is untouched; outputs are equal up to float32 rounding.
     """
     import copy
     import types
 
-    import torch
-    import torch.nn.functional as F
-
     from unisegcli.models.uniseg import network as uniseg_network
 
-    fast = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
+    plain = copy.deepcopy(net).use_channels_last(False)
 
     def forward(self: Any, x: "torch.Tensor") -> "torch.Tensor":
         conv = self.conv if hasattr(self, "conv") else getattr(self, f"conv_{x.shape[1]}")
-        y = conv(x)  # a fresh tensor: normalised in place
-        norm = self.instnorm
-        var, mean = torch.var_mean(y, dim=(2, 3, 4), keepdim=True, correction=0)
-        scale = norm.weight.view(1, -1, 1, 1, 1) * torch.rsqrt(var + norm.eps)
-        y.mul_(scale).add_(norm.bias.view(1, -1, 1, 1, 1) - mean * scale)
-        return F.leaky_relu_(y, self.nonlin.negative_slope)
+        return self.nonlin(self.instnorm(conv(x)))
 
-    for module in fast.modules():
+    for module in plain.modules():
         if isinstance(module, (uniseg_network.ConvNormAct, uniseg_network.MultiInputConvNormAct)):
             module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
-    plain_encode = fast.encode
-
-    def encode(x: "torch.Tensor") -> Any:
-        return plain_encode(x.contiguous(memory_format=torch.channels_last_3d))
-
-    fast.encode = encode  # type: ignore[method-assign]
-    return fast
+    return plain
 
 
 # ---------------------------------------------------------------- nnU-Net v2 around our network

@@ -17,6 +17,8 @@ nnU-Net v2 normalises first and blends logits.
     .venv/bin/python benchmarks/end_to_end.py             # small network, example CT + synthetic CT (~5 min)
     .venv/bin/python benchmarks/end_to_end.py --full      # the full-size network (~15 min on 2 cores)
     .venv/bin/python benchmarks/end_to_end.py --weights model.safetensors --model uniseg-demo --task liver
+    .venv/bin/python benchmarks/end_to_end.py --full --original-network   # nnU-Net runs the network
+                                                  # computed as the original code does (modules, NCDHW)
 
 Writes benchmarks/results/end_to_end[_full|_weights][_cuda].json.
 """
@@ -80,6 +82,9 @@ def main() -> None:
     parser.add_argument("--task", default="liver", help="task (a CT task with one channel)")
     parser.add_argument("--inputs", nargs="*", type=Path, default=None,
                         help="NIfTI CTs (default: the example CT and a synthetic CT)")
+    parser.add_argument("--original-network", action="store_true",
+                        help="nnU-Net's side runs the network as the original code computes it "
+                             "(InstanceNorm/LeakyReLU modules, contiguous layout; common.baseline_network)")
     parser.add_argument("--batch-size", type=int, default=None, help="our windows per forward (1 CPU, 4 GPU)")
     args = parser.parse_args()
     device = common.setup(args)
@@ -144,9 +149,13 @@ def main() -> None:
     met = worst >= target and agree >= 0.999
     print(f"end to end >= {target}x nnU-Net v2 with >= 99.9 % equal argmax: {common.verdict(met)} "
           f"(worst speedup {worst:.2f}x, worst agreement {100 * agree:.3f} %)")
-    common.write_result(common.result_name("end_to_end", args, "full" if args.full else "weights" if args.weights else None), {
+    variant = "full" if args.full else "weights" if args.weights else None
+    if args.original_network:
+        variant = f"{variant}_original" if variant else "original"
+    common.write_result(common.result_name("end_to_end", args, variant), {
         "machine": machine,
         "settings": {"network": network, "task": task.name, "step": 0.5, "gaussian": True,
+                     "nnunet_network": "original computation" if args.original_network else "the same object",
                      "mirroring": False, "repeat": args.repeat, "uniseg_outputs": "masks, no statistics"},
         "inputs": results,
         "targets": {f"end_to_end_at_least_{target}x_and_99.9pct_argmax": {
@@ -175,7 +184,8 @@ def run_input(path: Path, tmp_dir: Path, net: Any, task: Any, labels: list[str],
     gpu = common.on_gpu(device)
     plans, _ = common.nnunet_plans(patch, task.spacing_mm, clip)
     dataset_json = common.nnunet_dataset_json(labels)
-    module = common.single_task_module(net, task.index, len(labels))
+    theirs_net = common.baseline_network(net) if args.original_network else net
+    module = common.single_task_module(theirs_net, task.index, len(labels))
     predictor, on_device = common.nnunet_predictor(module, plans, dataset_json, device)
     manager = PlansManager(plans)
     configuration = manager.get_configuration("3d_fullres")

@@ -5,7 +5,8 @@ on the same normalised volume, in one process: step 0.5, Gaussian weighting, mir
 fp32 on the CPU (fp16 autocast on a GPU, where nnU-Net autocasts by itself and our engine
 gets --precision fp16 and a batch of 4 windows). nnU-Net calls the network as
 ``net(x)``: the wrapper runs ``net(x, task)[:, :3]``, the same encode + decode our engine runs.
-Timed runs alternate (ours, nnU-Net, ours with the proposed network changes, lone conv3d);
+Timed runs alternate (ours, nnU-Net, ours with the network as it was before its
+optimisations (`common.baseline_network`), lone conv3d);
 the warm-up is excluded; medians of --repeat runs are reported. FLOPs come from
 ``torch.utils.flop_counter``; the network's GFLOP/s is set next to a lone large conv3d's
 (32 -> 32 channels, 3x3x3, one 64x192x192 window) measured in the same rotation.
@@ -29,6 +30,7 @@ import common
 
 TASK_INDEX, TASK_CHANNELS = 0, 3  # liver: background, liver, liver tumour
 CLIP_HU = (-325.0, 325.0)  # UniSeg's CT normalisation (ct_clip_scale)
+BEFORE = "uniseg, net before optimisation"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ SMALL = Case("small net, synthetic 64x160x160", "small", "synthetic", (64, 160, 
 ONE_WINDOW = Case("full net, synthetic 64x192x192 (1 window)", "full", "synthetic", (64, 192, 192))
 FULL_SYNTH = Case("full net, synthetic 160x256x256", "full", "synthetic", (160, 256, 256))
 FULL_EXAMPLE = Case("full net, example CT at 3x1.5x1.5 mm", "full", "example_ct")
+CASES = {"small": SMALL, "one-window": ONE_WINDOW, "synthetic160": FULL_SYNTH, "example": FULL_EXAMPLE}
 
 
 def load_volume(case: Case, device: Any) -> Any:
@@ -86,7 +89,7 @@ def run_case(case: Case, args: Any, device: Any, conv_run: Any, conv_flops: floa
     gpu = common.on_gpu(device)
     config = common.network_config(case.network)
     patch = config.patch_size
-    net = common.random_network(config).to(device)
+    net = common.optimised_layout(common.random_network(config).to(device), device)
     volume = load_volume(case, device)
     size = tuple(volume.shape[1:])
     padded = [n + lo + hi for n, (lo, hi) in zip(size, padding_for_patch(size, patch))]
@@ -116,9 +119,9 @@ def run_case(case: Case, args: Any, device: Any, conv_run: Any, conv_flops: floa
             return predictor.predict_sliding_window_return_logits(volume)
 
     runs = {"uniseg engine": ours, "nnU-Net v2 predictor": nnunet}
-    if not args.no_proposed:
-        fast = common.proposed_network(net)
-        runs["uniseg + proposed net"] = lambda: ours(fast)
+    if not args.no_baseline:
+        before = common.baseline_network(net)
+        runs[BEFORE] = lambda: ours(before)
     runs["lone conv3d"] = conv_run
 
     # warm-up, excluded: a whole run of each contestant for the small network; one window's
@@ -127,8 +130,10 @@ def run_case(case: Case, args: Any, device: Any, conv_run: Any, conv_flops: floa
         if case.network == "small" or gpu:
             for run in runs.values():
                 run()
-        elif "uniseg + proposed net" in runs:
-            fast(window, TASK_INDEX)
+        else:
+            net(window, TASK_INDEX)
+            if BEFORE in runs:
+                before(window, TASK_INDEX)
 
     outputs: dict[str, Any] = {}
 
@@ -173,14 +178,12 @@ def run_case(case: Case, args: Any, device: Any, conv_run: Any, conv_flops: floa
                                  precision=precision, accumulation="fp16")
         result["max_abs_diff_fp16_mode_vs_nnunet"] = float((half.float().cpu() - theirs).abs().max())
     result["network_share_of_lone_conv"] = result["gflops_per_s"]["uniseg engine"] / result["lone_conv_gflops_per_s"]
-    if "uniseg + proposed net" in outputs:
-        fast_out = outputs["uniseg + proposed net"]
-        result["proposed_speedup_vs_uniseg"] = med["uniseg engine"] / med["uniseg + proposed net"]
-        result["proposed_share_of_lone_conv"] = (
-            result["gflops_per_s"]["uniseg + proposed net"] / result["lone_conv_gflops_per_s"]
-        )
-        result["proposed_max_abs_logit_diff"] = float((fast_out - ref).abs().max())
-        result["proposed_argmax_agreement"] = float((fast_out.argmax(0) == ref.argmax(0)).float().mean())
+    if BEFORE in outputs:
+        old = outputs[BEFORE]
+        result["network_optimisation_speedup"] = med[BEFORE] / med["uniseg engine"]
+        result["before_share_of_lone_conv"] = result["gflops_per_s"][BEFORE] / result["lone_conv_gflops_per_s"]
+        result["before_max_abs_logit_diff"] = float((old - ref).abs().max())
+        result["before_argmax_agreement"] = float((old.argmax(0) == ref.argmax(0)).float().mean())
     return result
 
 
@@ -191,11 +194,16 @@ def main() -> None:
     size.add_argument("--full", action="store_true", help="full-size network on 160x256x256 and the example CT")
     parser.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch")
     parser.add_argument("--batch-size", type=int, default=None, help="our windows per forward (1 CPU, 4 GPU)")
-    parser.add_argument("--no-proposed", action="store_true", help="skip the proposed-network contestant")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the contestant with the network as it was before its optimisations")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=None,
+                        help="run these cases instead (overrides --small/--full)")
     args = parser.parse_args()
     device = common.setup(args)
     machine = common.machine_record(device)
     cases = [SMALL] if args.small else [FULL_SYNTH, FULL_EXAMPLE] if args.full else [SMALL, ONE_WINDOW]
+    if args.cases:
+        cases = [CASES[name] for name in args.cases]
     conv_run, conv_flops = common.lone_conv(device)
     conv_run()  # warm-up
     results = [run_case(case, args, device, conv_run, conv_flops) for case in cases]
@@ -224,14 +232,15 @@ def main() -> None:
         if "max_abs_diff_fp16_mode_vs_nnunet" in r:
             print(f"parity: our engine with accumulation='fp16' vs nnU-Net, max |d| = "
                   f"{r['max_abs_diff_fp16_mode_vs_nnunet']:.3g} ({r['case']})")
-    proposed = [r for r in results if "proposed_speedup_vs_uniseg" in r]
-    if proposed:
+    compared = [r for r in results if "network_optimisation_speedup" in r]
+    if compared:
         common.print_table(
-            ["case", "proposed s", "speedup", "GF/s", "of conv", "max|dlogit|", "argmax %"],
-            [[r["case"], r["median_s"]["uniseg + proposed net"], r["proposed_speedup_vs_uniseg"],
-              r["gflops_per_s"]["uniseg + proposed net"], f"{100 * r['proposed_share_of_lone_conv']:.0f}%",
-              r["proposed_max_abs_logit_diff"], f"{100 * r['proposed_argmax_agreement']:.4f}"] for r in proposed],
-            "proposed network changes (channels_last_3d + in-place instance norm) vs the engine as is",
+            ["case", "before s", "now s", "speedup", "before GF/s", "before of conv", "max|dlogit|", "argmax %"],
+            [[r["case"], r["median_s"][BEFORE], r["median_s"]["uniseg engine"], r["network_optimisation_speedup"],
+              r["gflops_per_s"][BEFORE], f"{100 * r['before_share_of_lone_conv']:.0f}%",
+              r["before_max_abs_logit_diff"], f"{100 * r['before_argmax_agreement']:.4f}"] for r in compared],
+            "network optimisations (in-place instance norm; channels_last_3d for full size on the CPU): "
+            "before vs now",
         )
     full = [r for r in results if r["network"] == "full"]
     targets = {}
@@ -240,7 +249,8 @@ def main() -> None:
         targets["network_gflops_at_least_75pct_of_lone_conv"] = {"value": share, "met": share >= 0.75}
         print(f"network throughput {100 * share:.0f}% of a lone conv3d (target >= 75%): "
               f"{common.verdict(share >= 0.75)}")
-    common.write_result(common.result_name("engine_vs_nnunet", args, "small" if args.small else "full" if args.full else None), {
+    variant = "-".join(args.cases) if args.cases else "small" if args.small else "full" if args.full else None
+    common.write_result(common.result_name("engine_vs_nnunet", args, variant), {
         "machine": machine,
         "settings": {"step": args.step, "gaussian": True, "mirroring": False, "repeat": args.repeat,
                      "task": "liver (3 channels)", "lone_conv": common.LONE_CONV},

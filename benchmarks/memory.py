@@ -21,14 +21,14 @@ Measurements (default, ~6 min on 2 cores):
   full, 1 window     the full-size network's forward on one window alone: its activations
 Estimate: the larger of (stand-in pipeline peak) and (stand-in peak in the window stage +
 the full network's extra memory for one window).
-With --proposed: the stand-in 1-task pipeline and the full network's window again with the
-proposed restore changes (``use_proposed_restore``) and the proposed network (in-place
-instance norm, channels_last_3d), to measure what they save.
+With --before: the stand-in 7-task pipeline and the full network's window again as they ran
+before the memory work (``use_previous_restore``, ``common.baseline_network``), to measure
+what it saved.
 With --real: the full-size network (random weights, organ-sized masks) through the whole
 pipeline, 1 task (16 windows, ~8 min on 2 cores at step 0.5; --step 1: 12 windows, the same
 memory).
 
-    .venv/bin/python benchmarks/memory.py [--proposed] [--real] [--step 0.5]
+    .venv/bin/python benchmarks/memory.py [--before] [--real] [--step 0.5]
 
 Writes benchmarks/results/memory[_real].json.
 """
@@ -124,20 +124,22 @@ class OrganSizedOutput:
         return logits
 
 
-def use_proposed_restore() -> None:
-    """Proposed restore-stage memory changes (same numbers, bit for bit):
+def use_previous_restore() -> None:
+    """The restore and write stages as they were before the memory work (same numbers, bit
+    for bit), to measure what it saved:
 
-    1. ``resample.zoom_axis``: the 2 (linear) or 4 (cubic) taps are added in slabs of ~64 MB
-       instead of gathering a whole output-sized temporary per tap;
-    2. ``resample._clip_like`` clamps its (fresh) input in place instead of allocating;
-    3. ``restore._argmax_resampled`` keeps the running maximum in place
-       (``torch.maximum(..., out=)``) instead of allocating ``torch.where``'s result.
-
-    Each removes one full-resolution float32 volume (420 MB at 512x512x400) from the restore
-    stage while it is at its peak (1 and 2) or just after (3).
+    1. ``resample.zoom_axis`` gathered each of the 2 (linear) or 4 (cubic) taps as a whole
+       output-sized temporary (now: in slabs of 16 Mi elements);
+    2. ``resample._clip_like`` allocated its result (now: clamps the fresh input in place);
+    3. ``restore._argmax_resampled`` allocated ``torch.where``'s result for the running
+       maximum (now: ``torch.maximum(..., out=)``);
+    4. ``run_case`` built every structure's bool mask up front (now: ``LabelMasks`` computes
+       each one on access).
     """
+    import numpy as np
     import torch
 
+    from unisegcli.outputs import masks as masks_module
     from unisegcli.postprocessing import restore
     from unisegcli.preprocessing import resample
 
@@ -154,15 +156,12 @@ def use_proposed_restore() -> None:
         out = lines.index_select(0, idx[:, 0])
         if order > 0:
             out.mul_(w[:, :1])
-            rows = max(1, (16 << 20) // max(1, lines.shape[1]))  # 16 Mi elements per slab
             for t in range(1, idx.shape[1]):
-                for lo in range(0, size, rows):
-                    hi = min(size, lo + rows)
-                    out[lo:hi].addcmul_(lines.index_select(0, idx[lo:hi, t]), w[lo:hi, t : t + 1])
+                out.addcmul_(lines.index_select(0, idx[:, t]), w[:, t : t + 1])
         return out.reshape(size, *rest).movedim(0, axis)
 
     def clip_like(out: Any, source: Any, dims: tuple[int, ...]) -> Any:
-        return out.clamp_(min=source.amin(dim=dims, keepdim=True), max=source.amax(dim=dims, keepdim=True))
+        return out.clamp(min=source.amin(dim=dims, keepdim=True), max=source.amax(dim=dims, keepdim=True))
 
     def argmax_resampled(scores: Any, steps: Any, compute_dtype: Any) -> Any:
         best_value = best_label = None
@@ -172,18 +171,21 @@ def use_proposed_restore() -> None:
                 channel = restore.undo_resample(channel, step, compute_dtype=compute_dtype)
             channel = channel[0]
             if best_value is None:
-                best_value = channel.clone() if not steps else channel  # resampled = a fresh tensor
+                best_value = channel.clone()
                 best_label = torch.zeros(channel.shape, dtype=torch.uint8, device=channel.device)
             else:
-                better = channel > best_value  # strict: ties keep the lower label
+                better = channel > best_value
+                best_value = torch.where(better, channel, best_value)
                 best_label.masked_fill_(better, k)
-                torch.maximum(best_value, channel, out=best_value)
-                del better, channel
         return best_label
+
+    def eager_masks(label_maps: Any, where: Any) -> dict[str, np.ndarray]:
+        return {name: label_maps[task] == label for name, (task, label) in where.items()}
 
     resample.zoom_axis = zoom_axis
     resample._clip_like = clip_like
     restore._argmax_resampled = argmax_resampled
+    masks_module.LabelMasks = eager_masks
 
 
 def child(scenario: str, input_path: Path, step: float, threads: int | None, device_name: str) -> None:
@@ -207,9 +209,11 @@ def child(scenario: str, input_path: Path, step: float, threads: int | None, dev
     size, what, masks, variant = (scenario.split(":") + ["random", "as-is"])[:4]
     with sampler.during("network"):
         net = common.random_network(common.network_config(size)).to(device)
-        if variant == "proposed":
-            net = common.proposed_network(net)
-            use_proposed_restore()
+        if variant == "before":
+            net = common.baseline_network(net)
+            use_previous_restore()
+        else:
+            common.optimised_layout(net, device)
     if masks == "organ":
         net = OrganSizedOutput(net)
     started = time.perf_counter()
@@ -264,8 +268,8 @@ def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--real", action="store_true", help="also the full-size network through the pipeline")
     parser.add_argument("--step", type=float, default=0.5, help="window step (memory does not depend on it)")
-    parser.add_argument("--proposed", action="store_true",
-                        help="also measure the proposed in-place restore and network changes")
+    parser.add_argument("--before", action="store_true",
+                        help="also measure the restore stage and network as they were before the memory work")
     parser.add_argument("--child", default=None, help=argparse_hidden())
     parser.add_argument("--input", type=Path, default=None, help=argparse_hidden())
     args = parser.parse_args()
@@ -287,9 +291,9 @@ def main() -> None:
             "standin, 7 tasks, random masks": measure("standin:7:random", path, args),
             "full, 1 window": measure("full:window", path, args),
         }
-        if args.proposed:
-            runs["standin, 1 task, proposed"] = measure("standin:1:organ:proposed", path, args)
-            runs["full, 1 window, proposed"] = measure("full:window:random:proposed", path, args)
+        if args.before:
+            runs["standin, 7 tasks, before"] = measure("standin:7:organ:before", path, args)
+            runs["full, 1 window, before"] = measure("full:window:random:before", path, args)
         if args.real:
             runs["full, 1 task"] = measure("full:1:organ", path, args)
     common.finish_record(machine)
@@ -313,16 +317,22 @@ def main() -> None:
     lps_extra = runs["standin, 1 task, LPS file"]["peak_rss_bytes"] - base["peak_rss_bytes"]
     print(f"an LPS-stored file adds {lps_extra / 1e9:.2f} GB (the reoriented copy beside nibabel's cached "
           "float32 array)")
-    proposed = {}
-    if "standin, 1 task, proposed" in runs:
-        restore_gain = (runs["standin, 1 task"]["stage_peak_rss_bytes"]["restore"]
-                        - runs["standin, 1 task, proposed"]["stage_peak_rss_bytes"]["restore"])
-        fast = runs["full, 1 window, proposed"]
-        network_gain = window_extra - (fast["peak_rss_bytes"] - fast["stage_peak_rss_bytes"].get("network", 0))
-        proposed = {"restore_stage_saving_bytes": restore_gain, "network_window_saving_bytes": network_gain}
-        print(f"proposed: slab-wise taps, in-place clip and running argmax save {restore_gain / 1e9:.2f} GB at "
-              f"the restore peak; the proposed network saves {network_gain / 1e9:.2f} GB of the full "
-              "network's window memory")
+    savings = {}
+    if "standin, 7 tasks, before" in runs:
+        old, new = runs["standin, 7 tasks, before"], runs["standin, 7 tasks"]
+        old_window = runs["full, 1 window, before"]
+        savings = {
+            "standin_7_tasks_peak_saving_bytes": old["peak_rss_bytes"] - new["peak_rss_bytes"],
+            "restore_stage_saving_bytes": old["stage_peak_rss_bytes"]["restore"] - new["stage_peak_rss_bytes"]["restore"],
+            "write_stage_saving_bytes": old["stage_peak_rss_bytes"]["write"] - new["stage_peak_rss_bytes"]["write"],
+            "network_window_saving_bytes": (old_window["peak_rss_bytes"]
+                                            - old_window["stage_peak_rss_bytes"].get("network", 0)) - window_extra,
+        }
+        print("memory work, 7 tasks (stand-in): peak {:.2f} -> {:.2f} GB; restore stage -{:.2f} GB, write stage "
+              "-{:.2f} GB; full network window -{:.2f} GB".format(
+                  old["peak_rss_bytes"] / 1e9, new["peak_rss_bytes"] / 1e9,
+                  savings["restore_stage_saving_bytes"] / 1e9, savings["write_stage_saving_bytes"] / 1e9,
+                  savings["network_window_saving_bytes"] / 1e9))
     print(f"estimated peak with the full network, 1 task: {estimate / 1e9:.2f} GB")
     measured = runs.get("full, 1 task", {}).get("peak_rss_bytes")
     one_task = measured or estimate
@@ -343,7 +353,7 @@ def main() -> None:
         "estimated_full_1task_peak_bytes": estimate,
         "estimated_full_7task_peak_bytes": seven_full,
         "lps_file_extra_bytes": lps_extra,
-        "proposed_savings": proposed,
+        "savings_vs_before": savings,
         "targets": {"peak_rss_at_most_4gb": {"full_1task_bytes": one_task, "measured": bool(measured),
                                              "met": met}},
     })

@@ -14,7 +14,8 @@ For the record (how the original repository has to be used: one run per task), i
 model loading).
 
     .venv/bin/python benchmarks/multitask_scaling.py           # small network (~4 min)
-    .venv/bin/python benchmarks/multitask_scaling.py --full    # full-size network, one window (~30 min on 2 cores)
+    .venv/bin/python benchmarks/multitask_scaling.py --full    # full-size network, one window (~40 min on 2 cores)
+    .venv/bin/python benchmarks/multitask_scaling.py --full --ks 1 7 --no-record   # K = 1 and 7 only
 
 Writes benchmarks/results/multitask_scaling[_full][_cuda].json.
 """
@@ -34,7 +35,8 @@ NOMINAL_ENCODER_SHARE = 0.26  # the issue's full-size split
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="full-size network on one 64x192x192 window")
-    parser.add_argument("--max-k", type=int, default=7, help="largest K (<= 7)")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(range(1, 8)),
+                        help="the K values to time (1..7; K=1 is always included)")
     parser.add_argument("--no-record", action="store_true", help="skip the 7-in-one vs 7-separate record")
     args = parser.parse_args()
     device = common.setup(args)
@@ -46,7 +48,8 @@ def main() -> None:
     from unisegcli.inference.engine import Head, sliding_window
     from unisegcli.models.cards import get_model
 
-    tasks = list(get_model("uniseg").resolve_tasks(CT_TASKS[: args.max_k]))
+    ks = sorted({1, *(k for k in args.ks if 1 <= k <= len(CT_TASKS))})
+    tasks = list(get_model("uniseg").resolve_tasks(CT_TASKS))
     size = "full" if args.full else "small"
     config = common.network_config(size)
     net = common.random_network(config).to(device)
@@ -58,7 +61,7 @@ def main() -> None:
     batch = 4 if gpu else 1
     precision = "fp16" if gpu else "fp32"
 
-    flops = common.count_flops(net, torch.zeros(1, 1, *patch, device=device), [t.index for t in tasks])
+    flops = common.count_flops(net, torch.zeros(1, 1, *patch, device=device), [tasks[0].index])
     share = flops["encoder"] / (flops["encoder"] + flops["decoder"])
     print(f"{size} network, volume {tuple(shape)}: encoder {100 * share:.1f} % of one task's FLOPs", flush=True)
 
@@ -67,7 +70,6 @@ def main() -> None:
         return sliding_window(volume, net, patch, heads=heads, step=0.5, batch_size=batch,
                               precision=precision, activation="softmax")
 
-    ks = list(range(1, len(tasks) + 1))
     run_k(1)  # warm-up (excluded)
     times = common.alternate({f"K={k}": (lambda k=k: run_k(k)) for k in ks}, args.repeat, device)
     t1 = common.median(times["K=1"])
@@ -83,7 +85,7 @@ def main() -> None:
         rows.append([k, t, ratio, floor, nominal, ratio / floor, common.verdict(ratio <= 1.05 * floor)])
 
     record = None
-    if not args.no_record and len(tasks) == 7:
+    if not args.no_record:
         record = seven_tasks_record(net, tasks, shape, device, args.repeat, batch)
     common.finish_record(machine)
 

@@ -54,6 +54,15 @@ def test_internal_orientation_is_ras_zyx(tmp_path: Path) -> None:
     assert nib.aff2axcodes(scan.reorientation.internal_affine[:, [2, 1, 0, 3]]) == ("R", "A", "S")
 
 
+def test_the_image_keeps_no_second_copy_of_the_voxels(tmp_path: Path) -> None:
+    """The Scan keeps its nibabel image for the header; the voxels must not be cached there
+    too (an LPS file would otherwise be held twice: the cache and the reoriented array)."""
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    scan = read_scan(save_nifti(tmp_path / "lps.nii.gz", data, np.diag([-1.0, -1.0, 2.0, 1.0])))
+    assert not scan.image.in_memory
+    assert scan.data[0].sum() == data.sum()
+
+
 def test_4d_channels_become_first_axis(tmp_path: Path) -> None:
     data = np.stack([np.full((5, 4, 3), c, np.float32) for c in range(4)], axis=-1)
     scan = read_scan(save_nifti(tmp_path / "b.nii.gz", data, make_affine("lps")))

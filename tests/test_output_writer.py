@@ -163,3 +163,27 @@ def test_cohort_table_in_the_output_root(tmp_path: Path, case) -> None:
     with (root / "a" / "statistics.csv").open(newline="") as fh:
         case_rows = list(csv.DictReader(fh))
     assert case_rows == [r for r in rows if r["case_id"] == "a"]
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_masks_from_label_maps_write_the_same_files(tmp_path: Path, case, largest) -> None:
+    """run_case hands the writer lazy masks (label_map == label); the outputs must not change."""
+    from unisegcli.outputs.masks import LabelMasks
+
+    _, scan, masks = case
+    liver_map = masks["liver"].astype(np.uint8) + masks["liver_tumor"]  # 1 liver, 2 tumour
+    lazy = LabelMasks({"liver": liver_map, "spleen": masks["spleen"].astype(np.uint8)},
+                      {"liver": ("liver", 1), "liver_tumor": ("liver", 2), "spleen": ("spleen", 1)})
+    eager = {"liver": liver_map == 1, "liver_tumor": liver_map == 2, "spleen": masks["spleen"]}
+    assert list(lazy) == list(eager) and all(np.array_equal(lazy[n], eager[n]) for n in eager)
+    options = OutputOptions(multilabel=True, largest_component=largest)
+    a = write_case_outputs(scan, eager, tmp_path / "a", options, task_of=TASK_OF)
+    b = write_case_outputs(scan, lazy, tmp_path / "b", options, task_of=TASK_OF)
+    assert a.volumes_ml == b.volumes_ml
+    for name in ["liver.nii.gz", "liver_tumor.nii.gz", "spleen.nii.gz", "segmentation.nii.gz",
+                 "statistics.json"]:
+        left, right = (tmp_path / d / name for d in "ab")
+        if name.endswith(".json"):
+            assert json.loads(left.read_text())["structures"] == json.loads(right.read_text())["structures"]
+        else:
+            assert np.array_equal(np.asarray(nib.load(left).dataobj), np.asarray(nib.load(right).dataobj))

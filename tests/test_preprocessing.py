@@ -21,7 +21,7 @@ from unisegcli.preprocessing import preprocess, preprocess_volume
 from unisegcli.preprocessing.crop import crop_to_bbox, nonzero_bbox
 from unisegcli.preprocessing.normalize import normalize
 from unisegcli.preprocessing.resample import compute_new_shape, resample_to_shape, separate_z_axis
-from unisegcli.preprocessing.trace import CropStep, NormalizeStep, ResampleStep
+from unisegcli.preprocessing.trace import CropStep, NormalizeStep, ResampleStep, Trace
 
 DATA = Path(__file__).parent / "data"
 REFERENCE_CASES = ["iso_cubic", "sepz_cubic", "sepx_cubic", "target_aniso_linear", "sepz_linear"]
@@ -200,6 +200,31 @@ def test_resample_example_ct_agrees_with_nnunet(spacing, target) -> None:
 
 
 # ---------------------------------------------------------------- normalise
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_resampling_in_slabs_gives_the_same_numbers(monkeypatch, order) -> None:
+    """The taps are gathered in slabs to save memory; the numbers must not change at all."""
+    from unisegcli.preprocessing import resample
+
+    data = torch.randn(2, 7, 9, 11, generator=torch.Generator().manual_seed(0))
+    whole = resample_to_shape(data, (12, 5, 17), (1.0, 1.0, 1.0), (0.6, 1.8, 0.65), order=order)
+    monkeypatch.setattr(resample, "SLAB_ELEMENTS", 50)  # many slabs of a few output rows
+    slabs = resample_to_shape(data, (12, 5, 17), (1.0, 1.0, 1.0), (0.6, 1.8, 0.65), order=order)
+    torch.testing.assert_close(slabs, whole, rtol=0, atol=0)
+
+
+def test_restore_leaves_the_scores_untouched() -> None:
+    """The running argmax updates its maximum in place; it must never write into the input."""
+    scores = torch.rand(3, 4, 5, 6, generator=torch.Generator().manual_seed(1))
+    before = scores.clone()
+    shape = tuple(scores.shape[1:])
+    trace = Trace(original_shape=shape, original_spacing_mm=(1.0, 1.0, 1.0))
+    # a resample step that keeps the shape: resampling returns the input itself there
+    trace.record(ResampleStep(shape, shape, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), None, 3, 0))
+    labels = restore_label_map(scores, trace)
+    torch.testing.assert_close(scores, before, rtol=0, atol=0)
+    assert np.array_equal(labels, scores.argmax(0).numpy())
 
 
 def test_normalization_schemes() -> None:

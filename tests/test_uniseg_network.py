@@ -193,6 +193,34 @@ def test_logits_match_original_code(tiny_net: UniSegNet, case_id: str) -> None:
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["modules", "channels_last"])
+def test_other_execution_paths_match_original_code(mode: str) -> None:
+    """The in-place norm (inference) is checked above; here the module path (autograd on)
+    and the channels_last_3d layout the CPU uses for full-size networks."""
+    net = load_uniseg(TINY / "model_final_checkpoint.model", TINY / "plans.pkl")
+    if mode == "channels_last":
+        net.use_channels_last()
+        assert net.conv_blocks_context[1].blocks[0].conv.weight.is_contiguous(
+            memory_format=torch.channels_last_3d)
+    for case in CASES.values():
+        expected = torch.from_numpy(np.load(TINY / case["expected_logits"]["file"]))
+        with torch.enable_grad() if mode == "modules" else torch.inference_mode():
+            logits = net(case_input(case["id"]), case["task_id"])
+        torch.testing.assert_close(logits.detach(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_channels_last_only_for_full_size_networks_on_the_cpu(tiny_net: UniSegNet) -> None:
+    from unisegcli.models.uniseg.family import prefer_channels_last
+
+    prefer_channels_last(tiny_net, torch.device("cpu"))
+    assert not tiny_net.channels_last  # 4 base features: the default layout is faster
+    wide = UniSegNet(UniSegConfig.from_dict({**tiny_net.config.to_dict(), "base_num_features": 32}))
+    prefer_channels_last(wide, torch.device("cpu"))
+    assert wide.channels_last
+    prefer_channels_last(wide, torch.device("meta"))  # any other device: default layout
+    assert not wide.channels_last
+
+
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_segmentation_matches_except_near_ties(tiny_net: UniSegNet, case_id: str) -> None:
     case = CASES[case_id]

@@ -80,7 +80,7 @@ def card() -> cards.ModelCard:
 
 def test_every_command_argument_and_option_has_help(app: typer.Typer) -> None:
     group = typer.main.get_command(app).commands["weights"]  # type: ignore[attr-defined]
-    assert set(group.commands) == {"list", "download", "verify", "import", "path", "remove", "convert"}
+    assert set(group.commands) == {"list", "download", "verify", "import", "path", "remove", "convert", "prepare"}
     for name, command in group.commands.items():
         assert command.help, name
         for param in command.params:

@@ -357,6 +357,7 @@ def run_case(
     family: str = "uniseg",
 ) -> CaseResult:
     """Predict all tasks of one case in one pass and write its outputs (all-or-nothing)."""
+    from unisegcli.outputs.masks import LabelMasks
     from unisegcli.outputs.writer import write_case_outputs
 
     started = time.perf_counter()
@@ -371,14 +372,14 @@ def run_case(
             f"(batch size {settings.batch_size or 'auto'}); expected the windows to fit. Lower "
             "--batch-size, use --precision fp16 on a GPU, or run on a machine with more memory."
         ) from exc
-    masks: dict[str, np.ndarray] = {}
+    where: dict[str, tuple[str, int]] = {}
     task_of: dict[str, str] = {}
     for task in tasks:
         for index, structure in task.labels.items():
-            masks[structure] = label_maps[task.name] == index
+            where[structure] = (task.name, index)
             task_of[structure] = task.name
     written = write_case_outputs(
-        loaded.scan, masks, folder, outputs,
+        loaded.scan, LabelMasks(label_maps, where), folder, outputs,
         task_of=task_of,
         dicom_source=loaded.dicom,
         case_id=loaded.case.case_id,

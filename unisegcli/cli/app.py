@@ -135,6 +135,13 @@ def models_command() -> None:
         table.add_row(
             card.name, card.family, card.version, str(len(card.tasks)), card.license, card.note or ""
         )
+    from unisegcli.models.imported import imported_card, read_imported
+
+    for name in sorted(read_imported()):  # `uniseg weights import nnunet PATH --name NAME`
+        card = imported_card(name)
+        if card is not None:
+            table.add_row(card.name, card.family, card.version, str(len(card.tasks)), card.license,
+                          f"imported from {card.source}")
     console.stdout().print(table)
 
 

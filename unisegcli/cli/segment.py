@@ -120,6 +120,8 @@ def segment_command(
     """Segment scans: one mask per structure, in each scan's original geometry."""
     console.state.quiet, console.state.verbose = quiet, verbose
     console.state.debug, console.state.json = debug, json_events
+    if verbose:  # library log lines (e.g. the checkpoint keys a loader ignored) on stderr
+        _log_to_stderr("unisegcli.models")
     from unisegcli.api import segment
     from unisegcli.cli.reporting import RunReporter
     from unisegcli.outputs.writer import OutputOptions
@@ -186,3 +188,19 @@ def _parse_folds(text: str | None) -> list[int] | None:
     if not folds or min(folds) < 0:
         raise UsageError(f"--folds is '{text}'; expected comma-separated fold numbers such as 0,1,2.")
     return folds
+
+
+def _log_to_stderr(name: str) -> None:
+    """Show INFO lines of logger ``name`` on the current stderr (handler added once)."""
+    import logging
+
+    class StderrHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            import sys
+
+            print(self.format(record), file=sys.stderr)
+
+    logger = logging.getLogger(name)
+    if not any(type(h).__name__ == "StderrHandler" for h in logger.handlers):
+        logger.addHandler(StderrHandler())
+    logger.setLevel(logging.INFO)

@@ -190,10 +190,29 @@ def import_(
     path: Annotated[Path, typer.Argument(
         help="A downloaded file, a folder holding the files, or a .zip of them.")],
     quiet: QuietOpt = False,
+    as_name: Annotated[Optional[str], typer.Option(
+        "--name", help="With MODEL 'nnunet': register the nnU-Net v2 results folder (or .zip) PATH "
+                       "under this name, usable as --model NAME.")] = None,
 ) -> None:
-    """Copy files downloaded elsewhere (a browser, another machine) into the cache, checked."""
+    """Copy files downloaded elsewhere (a browser, another machine) into the cache, checked.
+
+    `uniseg weights import nnunet PATH --name NAME` imports an nnU-Net v2 results folder.
+    """
     from unisegcli.models import cache
 
+    if name == "nnunet" or as_name is not None:
+        if name != "nnunet" or not as_name:
+            from unisegcli.errors import UsageError
+
+            raise UsageError(f"`uniseg weights import {name} PATH{' --name ' + as_name if as_name else ''}`: "
+                               "--name goes with MODEL 'nnunet' only; expected `uniseg weights import "
+                               "nnunet PATH --name NAME`.")
+        from unisegcli.models.nnunet.importing import import_folder
+
+        folder = import_folder(path, as_name)
+        _stderr(quiet).print(f"imported nnU-Net model '{as_name}': {folder} (use --model {as_name})",
+                             highlight=False)
+        return
     card = _card(name)
     imported = cache.import_model(card, path)
     console = _stderr(quiet)
@@ -246,3 +265,30 @@ def convert(
 
     weights = convert_checkpoint(checkpoint, plans, out_dir)
     _stderr(quiet).print(f"wrote {weights} and {weights.with_name('config.json')}")
+
+
+@weights_app.command("prepare")
+def prepare(
+    name: ModelArg,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Use only files already in the cache; never download.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Precompute what a model needs at every run (SAT: the text embeddings of its whole
+    vocabulary, ~1.5 MB), so later runs load neither the text encoder nor transformers."""
+    from unisegcli.models.families import family_module
+
+    card = _card(name)
+    hook = getattr(family_module(card.family), "prepare", None)
+    if hook is None:
+        raise WeightsError(
+            f"model '{card.name}' (family {card.family}) has nothing to prepare; expected a SAT model "
+            "such as sat-nano. Its weights are used as downloaded."
+        )
+    from unisegcli.models import cache
+
+    if not offline and cache.missing_files(card):
+        _stderr(quiet).print(f"downloading model '{card.name}' {card.version} (first use) · license: "
+                             f"{card.license}", soft_wrap=True, highlight=False, markup=False)
+    out = hook(card, offline=offline, quiet=quiet)
+    _stderr(quiet).print(f"prepared model '{card.name}': {out}", soft_wrap=True, highlight=False, markup=False)

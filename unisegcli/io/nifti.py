@@ -175,9 +175,13 @@ def load_nifti(path: Path) -> "nib.Nifti1Image":
 
 
 def _read_pixels(image: "nib.Nifti1Image", path: Path) -> np.ndarray:
-    """All voxels as float32 with the header's scaling applied; a truncated file fails here."""
+    """All voxels as float32 with the header's scaling applied; a truncated file fails here.
+
+    Not cached in the image (``caching="unchanged"``): the Scan keeps the image for its
+    header, and a cached copy would sit beside the reoriented array (+420 MB at 512x512x400
+    for an LPS file)."""
     try:
-        return np.asarray(image.get_fdata(dtype=np.float32))
+        return np.asarray(image.get_fdata(dtype=np.float32, caching="unchanged"))
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise ImageFormatError(
             f"'{path}' is truncated or corrupt ({exc}); expected "

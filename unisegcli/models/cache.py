@@ -436,6 +436,9 @@ def remove_model(card: ModelCard) -> list[Path]:
             if ours and path.is_file():
                 path.unlink()
                 removed.append(path)
+            elif path.is_dir() and path.name.lstrip(".").startswith(tuple(f"{n}.unpacked" for n in names)):
+                shutil.rmtree(path)  # a zip extracted by its family (nnU-Net parts)
+                removed.append(path)
         for folder in (directory, directory.parent):
             try:
                 folder.rmdir()

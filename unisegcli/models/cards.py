@@ -21,8 +21,9 @@ REGISTRY_PATH = Path(__file__).resolve().parent.parent / "weights_registry.json"
 REGISTRY_ENV = "UNISEG_REGISTRY"  # a site's own registry file replaces the shipped one
 SCHEMA_VERSION = 1
 MODALITIES = ("CT", "MR", "PET", "CT+PET")
-NORMALIZATION_SCHEMES = ("ct_clip_scale", "zscore")
-NORMALIZATION_SCHEMES += ("hermes_ct", "hermes_percentile")  # Hermes family (models/hermes/preprocessing.py)
+# Family schemes: nnunet_plans (read from the model's plans.json), sat (models/sat/pipeline.py),
+# hermes_ct and hermes_percentile (models/hermes/preprocessing.py).
+NORMALIZATION_SCHEMES = ("ct_clip_scale", "zscore", "nnunet_plans", "sat", "hermes_ct", "hermes_percentile")
 
 
 class RegistryError(UsageError):
@@ -257,6 +258,11 @@ def get_model(name: str, path: Path | None = None) -> ModelCard:
         return built
     models = load_registry(path)
     if name not in models:
+        from unisegcli.models.imported import imported_card  # `uniseg weights import nnunet ... --name`
+
+        imported = imported_card(name)
+        if imported is not None:
+            return imported
         raise UnknownModelError(
             f"unknown model '{name}'{suggest(name, models)} Known models: "
             f"{', '.join(sorted(models))}. Run `uniseg models` to list them."

@@ -76,12 +76,14 @@ def _refusal(message: str) -> str:
     return (match.group(1) if match else message.strip().splitlines()[0])[:160]
 
 
-def load_torch_file(path: str | Path) -> Any:
+def load_torch_file(path: str | Path, *, mmap: bool = False) -> Any:
     """``torch.load`` a file on the CPU with ``weights_only=True`` and the numpy allow-list.
 
     Zip checkpoints (torch >= 1.6) are scanned first: a global that is neither allowed by
     torch nor one of numpy's array/scalar rebuilders raises ``UnsafePickleError`` before
     anything is unpickled. Legacy (pre-zip) files are loaded with the whole numpy allow-list.
+    ``mmap=True`` maps a zip checkpoint's tensors instead of reading them all (large files
+    whose optimizer state is not needed).
     """
     path = Path(path)
     head = _head(path)
@@ -112,7 +114,8 @@ def load_torch_file(path: str | Path) -> Any:
         )
     try:
         with torch.serialization.safe_globals(allow):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and head.startswith(_ZIP_MAGIC))
     except pickle.UnpicklingError as exc:
         raise UnsafePickleError(
             f"{path.name}: refused to load {_refusal(str(exc))}; nothing in it was executed. "

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 FAMILY_MODULES = {
     "uniseg": "unisegcli.models.uniseg.family",
     "hermes": "unisegcli.models.hermes.family",
+    "sat": "unisegcli.models.sat.family",
+    "nnunet": "unisegcli.models.nnunet.family",
 }
 
 

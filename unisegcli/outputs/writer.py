@@ -33,6 +33,7 @@ import numpy as np
 from unisegcli.errors import OutputError, UsageError, suggest
 from unisegcli.io.atomic import staged_files
 from unisegcli.io.nifti import Scan, check_output_dir, label_image
+from unisegcli.outputs.masks import LabelMasks
 from unisegcli.outputs.statistics import voxel_volume_ml
 
 if TYPE_CHECKING:
@@ -172,7 +173,10 @@ def write_case_outputs(
     folder = Path(folder)
     selected = select_structures(options.structures, list(masks_zyx))
     voxel_ml = voxel_volume_ml(scan.image.affine)
-    masks = clean_masks({n: masks_zyx[n] for n in selected}, options, voxel_ml)
+    if isinstance(masks_zyx, LabelMasks) and not (options.min_component_ml > 0 or options.largest_component):
+        masks: Mapping[str, np.ndarray] = masks_zyx.subset(selected)  # stays lazy: no copies held
+    else:
+        masks = clean_masks({n: masks_zyx[n] for n in selected}, options, voxel_ml)
     case = case_id if case_id is not None else scan.case_id
 
     names: dict[str, str] = {}  # role -> file name

@@ -71,12 +71,14 @@ def _argmax_resampled(
             channel = undo_resample(channel, step, compute_dtype=compute_dtype)
         channel = channel[0]
         if best_value is None:
-            best_value = channel.clone()
+            shared = channel.untyped_storage().data_ptr() == scores.untyped_storage().data_ptr()
+            best_value = channel.clone() if shared else channel  # updated in place below
             best_label = torch.zeros(channel.shape, dtype=torch.uint8, device=channel.device)
         else:
             better = channel > best_value  # strict: the lower label keeps ties, like argmax
-            best_value = torch.where(better, channel, best_value)
             best_label.masked_fill_(better, k)  # type: ignore[union-attr]
+            torch.maximum(best_value, channel, out=best_value)
+            del better, channel
     assert best_label is not None
     return best_label
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 ANISO_THRESHOLD = 3.0  # nnunetv2/configuration.py ANISO_THRESHOLD (v1: RESAMPLING_SEPARATE_Z_ANISO_THRESHOLD)
 SPLINE_PAD = 12  # scipy _prepad_for_spline_filter pads this much for mode='nearest'
 _POLE = math.sqrt(3.0) - 2.0  # the cubic B-spline's single pole (scipy ni_splines.c get_filter_poles)
+SLAB_ELEMENTS = 16 << 20  # zoom_axis gathers its taps this many elements at a time
 
 
 def compute_new_shape(
@@ -172,15 +173,21 @@ def zoom_axis(x: "torch.Tensor", axis: int, size: int, order: int) -> "torch.Ten
     out = lines.index_select(0, idx[:, 0])
     if order > 0:
         out.mul_(w[:, :1])
+        # Each further tap is gathered in slabs of output rows (~64 MB of float32), so no
+        # output-sized temporary exists: at export a full-resolution channel is ~420 MB.
+        rows = max(1, SLAB_ELEMENTS // max(1, lines.shape[1]))
         for t in range(1, idx.shape[1]):
-            out.addcmul_(lines.index_select(0, idx[:, t]), w[:, t : t + 1])
+            for lo in range(0, size, rows):
+                hi = min(size, lo + rows)
+                out[lo:hi].addcmul_(lines.index_select(0, idx[lo:hi, t]), w[lo:hi, t : t + 1])
     return out.reshape(size, *rest).movedim(0, axis)
 
 
 def _clip_like(out: "torch.Tensor", source: "torch.Tensor", dims: tuple[int, ...]) -> "torch.Tensor":
     # skimage.transform.resize clips its output to the input's range (_clip_warp_output):
     # per 2-D slice in nnU-Net's separate-z path, per channel volume otherwise.
-    return out.clamp(min=source.amin(dim=dims, keepdim=True), max=source.amax(dim=dims, keepdim=True))
+    # ``out`` is always a fresh result of zoom_axis: clamped in place (one volume less).
+    return out.clamp_(min=source.amin(dim=dims, keepdim=True), max=source.amax(dim=dims, keepdim=True))
 
 
 def resample_to_shape(

@@ -20,6 +20,20 @@ if TYPE_CHECKING:
     from unisegcli.models.cards import ModelCard, TaskCard
 
 
+FULL_SIZE_FEATURES = 32  # the released network's first-stage width
+
+
+def prefer_channels_last(net: Any, device: "torch.device") -> None:
+    """channels_last_3d for full-size UniSeg networks on the CPU, where it is faster; small
+    networks and other devices keep the default layout (measured slower or not measured)."""
+    config = getattr(net, "config", None)
+    if not hasattr(net, "use_channels_last") or config is None:
+        return  # a stand-in network
+    wanted = device.type == "cpu" and config.base_num_features >= FULL_SIZE_FEATURES
+    if net.channels_last != wanted:
+        net.use_channels_last(wanted)
+
+
 def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings | None" = None,
          tasks: Sequence["TaskCard"] = ()) -> Any:
     """The UniSeg network from the cached checkpoint (and plans, for v1 checkpoints)."""
@@ -42,6 +56,7 @@ def predict(
     from unisegcli.inference.predictor import network_patch_size, predict_case
     from unisegcli.preprocessing.sanity import input_warnings
 
+    prefer_channels_last(net, device)
     groups = channel_groups(tasks)
     label_maps: dict[str, np.ndarray] = {}
     for number, group in enumerate(groups):

@@ -1,0 +1,279 @@
+"""The nnU-Net v2 family (``models.families``): results folders and multi-part models.
+
+Cards:
+
+* ``--model nnunet:<path>`` (``card_from_spec``): a results folder; one TaskCard per
+  structure of its dataset.json (``extra["label"]`` = the label value, ``extra["region"]`` for
+  region-trained models), so ``--tasks liver,spleen`` works and outputs stay one file per
+  structure;
+* registry models (TotalSegmentator ``total``): each file is one part (role ``part:<id>``,
+  a zip of a results folder); each task card's ``extra`` names its ``part`` and ``label``.
+  ``needed_roles`` lists the parts holding the requested tasks: only those are downloaded,
+  loaded and run;
+* imported folders (``uniseg weights import nnunet PATH --name NAME``): ``importing``.
+
+Running: per part, nnU-Net v2 preprocessing (``pipeline``), our sliding window on the
+logits (``--folds`` averaged; ``--nnunet-exact``: float16 accumulation, nnU-Net bit for bit;
+default float32), nnU-Net's export, then one 0/1 map per requested structure.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from unisegcli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from unisegcli.api import RunSettings
+    from unisegcli.io.cases import LoadedCase
+    from unisegcli.models.cards import ModelCard, TaskCard
+    from unisegcli.models.nnunet.folder import ResultsFolder
+    from unisegcli.models.nnunet.network import Fold
+
+SPEC_PREFIX = "nnunet:"
+PART_ROLE = "part:"
+_ONE_PART = ""  # the part key of a single-folder model
+
+
+def structure_name(name: str) -> str:
+    """A dataset.json label name as a task name: lower case, runs of other characters -> '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_") or "label"
+
+
+def modality_of(channel_names: Sequence[str]) -> str:
+    upper = {c.upper() for c in channel_names}
+    if upper <= {"CT"}:
+        return "CT"
+    if "PET" in upper:
+        return "CT+PET" if "CT" in upper else "PET"
+    return "MR"
+
+
+def cards_from_folder(folder: "ResultsFolder", *, name: str, source: str) -> "ModelCard":
+    """A model card for a results folder: one task per structure."""
+    from unisegcli.models.cards import ModelCard, TaskCard
+
+    channels = tuple(structure_name(c) for c in folder.channel_names)
+    spacing = tuple(float(s) for s in folder.configuration["spacing"])
+    if len(spacing) == 2:
+        spacing = (0.0, *spacing)  # 2D: axis 0 keeps the input spacing
+    tasks = []
+    for index, label in enumerate(folder.labels()):
+        extra: dict[str, Any] = {"label": label.value}
+        if label.region is not None:
+            extra["region"] = list(label.region)
+        task_name = structure_name(label.name)
+        if any(t.name == task_name for t in tasks):  # two labels that differ only in punctuation
+            task_name = f"{task_name}_{label.value}"
+        tasks.append(TaskCard(
+            name=task_name, index=index, modality=modality_of(folder.channel_names), channels=channels,
+            labels={1: task_name}, spacing_mm=spacing,  # type: ignore[arg-type]
+            normalization={c: {"scheme": "nnunet_plans"} for c in channels},
+            source=f"{folder.path.parent.name} label {label.value}", extra=extra,
+        ))
+    dataset = folder.dataset
+    return ModelCard(
+        name=name, family="nnunet", version=folder.path.name,
+        description=str(dataset.get("description") or dataset.get("name") or folder.path.parent.name),
+        license=str(dataset.get("licence") or dataset.get("license") or "unknown (see the model folder)"),
+        citation=str(dataset.get("reference") or ""), tasks=tuple(tasks), files=(),
+        note=f"nnU-Net v2 results folder {folder.path}", network={"folder": str(folder.path)},
+        source=source,
+    )
+
+
+def card_from_spec(spec: str) -> "ModelCard":
+    """``nnunet:<results folder>`` -> a card (reads only the JSON files)."""
+    from unisegcli.models.nnunet.folder import read_results_folder
+
+    path = spec[len(SPEC_PREFIX):] if spec.startswith(SPEC_PREFIX) else spec
+    if not path:
+        raise UsageError("--model nnunet: needs a folder, e.g. --model nnunet:Dataset123_Liver/"
+                         "nnUNetTrainer__nnUNetPlans__3d_fullres; got nothing after 'nnunet:'.")
+    folder = read_results_folder(Path(path))
+    return cards_from_folder(folder, name=spec, source=str(folder.path))
+
+
+def _part(task: "TaskCard") -> str:
+    return str(task.extra.get("part", _ONE_PART))
+
+
+def needed_roles(card: "ModelCard", tasks: Sequence["TaskCard"]) -> set[str]:
+    """Only the parts that hold a requested structure (all files for single-folder models)."""
+    parts = {_part(t) for t in tasks}
+    if parts == {_ONE_PART}:
+        return {f.role for f in card.files}
+    return {PART_ROLE + p for p in parts}
+
+
+def task_table(card: "ModelCard") -> tuple[list[str], list[list[str]]]:
+    columns = ["task", "aliases", "modality", "channels", "label", "part", "spacing mm"]
+    rows = [[t.name, ", ".join(t.aliases), t.modality, ", ".join(t.channels), str(t.extra.get("label", "")),
+             _part(t) or "-", " × ".join(f"{s:g}" for s in t.spacing_mm)] for t in card.tasks]
+    return columns, rows
+
+
+@dataclass
+class PartModel:
+    """One results folder ready to run: its folds and the device they sit on."""
+
+    folder: "ResultsFolder"
+    folds: list["Fold"]
+    device: str = "cpu"
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...] | None:
+        """Axes every fold may be mirrored along (None: mirroring not allowed)."""
+        axes = [f.mirror_axes for f in self.folds]
+        if any(a is None for a in axes):
+            return None
+        return tuple(sorted(set.intersection(*(set(a) for a in axes))))  # type: ignore[arg-type]
+
+
+@dataclass
+class NnunetModel:
+    """What ``load`` returns: a PartModel per part key ("" for a single results folder)."""
+
+    parts: dict[str, PartModel] = field(default_factory=dict)
+
+
+def _part_folder(card: "ModelCard", files: Mapping[str, Path], part: str) -> "ResultsFolder":
+    from unisegcli.models.nnunet.folder import find_results_folder, read_results_folder, unpacked_zip
+
+    if card.network and card.network.get("folder"):
+        return read_results_folder(Path(card.network["folder"]))
+    role = PART_ROLE + part if part else next(iter(files), "")
+    if role not in files:
+        raise UsageError(f"model '{card.name}' has no file with role '{role}'; expected one per part "
+                         "(part:<id>). The registry entry is incomplete.")
+    path = files[role]
+    root = unpacked_zip(path) if path.is_file() else path
+    hints = (card.network or {}).get("results_folders") or {}
+    return read_results_folder(find_results_folder(root, hints.get(part)))
+
+
+def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings | None" = None,
+         tasks: Sequence["TaskCard"] = ()) -> NnunetModel:
+    """Read the needed parts, build their networks and load the selected folds (CPU, eval)."""
+    from unisegcli.models.nnunet.network import load_fold, select_folds
+
+    wanted = sorted({_part(t) for t in tasks} or {_part(t) for t in card.tasks})
+    model = NnunetModel()
+    for part in wanted:
+        folder = _part_folder(card, files, part)
+        folds = select_folds(folder, settings.folds if settings is not None else None)
+        model.parts[part] = PartModel(folder, [load_fold(folder, f) for f in folds])
+    return model
+
+
+def _blend(volume: "torch.Tensor", net: Any, patch: Sequence[int], two_d: bool, *, progress: Any = None,
+           **options: Any) -> "torch.Tensor":
+    """Sliding-window logits [K, Z, Y, X]; a 2D configuration runs slice by slice along axis 0,
+    as nnU-Net's 2D predictor does (so windows never span or repeat slices)."""
+    import torch
+
+    from unisegcli.inference.engine import sliding_window
+
+    if not two_d:
+        return sliding_window(volume, net, patch, progress=progress, **options)[0]
+    depth = volume.shape[1]
+    slices = []
+    for z in range(depth):
+        def report(done: int, total: int, _z: int = z) -> None:
+            if progress is not None:
+                progress(_z * total + done, total * depth)
+
+        slices.append(sliding_window(volume[:, z:z + 1], net, patch, progress=report, **options)[0])
+    return torch.cat(slices, dim=1)
+
+
+def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settings: "RunSettings",
+             device: "torch.device", progress: Any = None,
+             ) -> tuple["torch.Tensor", Any]:
+    """Preprocess, sliding window (folds averaged) -> (logits [K, z, y, x], Prepared)."""
+    import torch
+
+    from unisegcli.inference.engine import Head, auto_batch_size
+    from unisegcli.models.nnunet.network import FoldAverage, SliceNetwork
+    from unisegcli.models.nnunet.pipeline import preprocess_case
+
+    if part.device != str(device):
+        for fold in part.folds:
+            fold.network.to(device)
+        part.device = str(device)
+    exact = bool(settings.nnunet_exact)
+    # float64 resampling = scipy's numbers (nnU-Net resamples in float64); float32 is within 1e-5
+    prepared = preprocess_case(image, loaded.scan.spacing_mm, loaded.scan, part.folder, device,
+                               compute_dtype=torch.float64 if exact else None)
+    patch = [int(p) for p in part.folder.configuration["patch_size"]]
+    predictors = [f.network for f in part.folds]
+    two_d = len(patch) == 2
+    if two_d:
+        patch = [1, *patch]
+        predictors = [SliceNetwork(n) for n in predictors]
+    axes = part.mirror_axes
+    if two_d and axes is not None:
+        axes = tuple(a + 1 for a in axes)  # 2D mirroring axes count in the slice
+    tta = bool(settings.tta) and bool(axes)
+    options = dict(step=settings.step, tta=tta, mirror_axes=axes or (0, 1, 2), precision=settings.precision,
+                   accumulation="fp16" if exact else "fp32",
+                   gaussian=True if settings.gaussian is None else bool(settings.gaussian))
+    runs = [[p] for p in predictors] if exact else [predictors]  # exact: fold by fold, as nnU-Net
+    if exact:  # nnU-Net predicts window by window; batched convolutions round differently
+        batch = 1
+    else:
+        batch = settings.batch_size or auto_batch_size(
+            predictors[0], patch, prepared.tensor.shape[0], [Head(None, None)], device, settings.precision)
+    logits = None
+    for number, group in enumerate(runs):
+        net = group[0] if len(group) == 1 else FoldAverage(group)
+
+        def report(done: int, total: int, _n: int = number) -> None:
+            if progress is not None:
+                progress(_n * total + done, total * len(runs))
+
+        out = _blend(prepared.tensor, net, patch, two_d, batch_size=batch, progress=report, **options)
+        if exact:
+            out = out.half()  # nnU-Net sums the folds' float16 logits in float16
+        logits = out if logits is None else logits + out
+    assert logits is not None
+    if len(runs) > 1:
+        logits = logits / len(runs)
+    if not exact:
+        logits = logits.float()
+    return logits, prepared
+
+
+def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: NnunetModel, *, settings: "RunSettings",
+            device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
+    """{task name: uint8 [Z, Y, X] 0/1 map} for one case; each needed part runs once."""
+    from unisegcli.io.cases import task_channels
+    from unisegcli.models.nnunet.folder import Label
+    from unisegcli.models.nnunet.pipeline import export_segmentation, structure_mask
+
+    by_part: dict[str, list["TaskCard"]] = {}
+    for task in tasks:
+        by_part.setdefault(_part(task), []).append(task)
+    maps: dict[str, np.ndarray] = {}
+    for number, (part_key, group) in enumerate(sorted(by_part.items())):
+        part = net.parts[part_key]
+        image = task_channels(loaded, group[0])
+
+        def report(done: int, total: int, _n: int = number) -> None:
+            if progress is not None:  # parts count as equal shares of the case's bar
+                progress(_n * total + done, total * len(by_part))
+
+        logits, prepared = run_part(part, image, loaded, settings=settings, device=device, progress=report)
+        labels = export_segmentation(logits, prepared, part.folder, loaded.scan)
+        for task in group:
+            region = task.extra.get("region")
+            label = Label(task.name, int(task.extra["label"]), tuple(region) if region else None)
+            maps[task.name] = structure_mask(labels, label)
+    return maps
