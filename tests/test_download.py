@@ -387,3 +387,17 @@ def test_eight_processes_download_once_and_share(httpserver: HTTPServer, tmp_pat
     card = make_card(registry["models"]["fake"]["files"])
     monkeypatch.setenv("UNISEG_HOME", home)
     assert [c.status for c in cache.verify_model(card)] == ["ok"]
+
+
+@pytest.mark.parametrize("head, page", [
+    (b"<!DOCTYPE html><html>Sign in</html>", True),
+    (b"\n  <html lang='en'><head>", True),
+    (b"\xef\xbb\xbf<!-- error --><html>", True),
+    (b"<s>\n<pad>\n</s>\n<unk>\n[CLS]", False),  # a tokenizer vocabulary, not a web page
+    (b"<?xml version='1.0'?><config/>", False),
+    (b"PK\x03\x04<html", False),
+])
+def test_only_html_documents_count_as_web_pages(head: bytes, page: bool) -> None:
+    from unisegcli.models.safe_pickle import looks_like_html
+
+    assert looks_like_html(head) is page

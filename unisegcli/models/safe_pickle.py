@@ -154,14 +154,17 @@ def is_numpy_global(name: str) -> bool:
     return name in _numpy_callables()
 
 
+HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<!--", b"<meta", b"<title", b"<script")
+
+
 def looks_like_html(head: bytes) -> bool:
-    """True for text starting with '<' (an HTML page saved in place of a binary file)."""
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not text.startswith(b"<"):
-        return False
-    # a binary header could start with 0x3C too; a web page is printable text after it
-    sample = text[:16]
-    return all(32 <= b < 127 or b in b"\t\r\n" for b in sample)
+    """True for a web page (error, login or virus-scan page) saved in place of a model file.
+
+    Only the openings of an HTML document count: a plain text file that merely starts with
+    '<' (MPNet's ``vocab.txt`` begins with the token ``<s>``) is not a page.
+    """
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return text.startswith(HTML_STARTS)
 
 
 def html_message(source: str) -> str:
