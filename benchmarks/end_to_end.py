@@ -103,7 +103,8 @@ def main() -> None:
         size = "full" if args.full else "small"
         net = common.random_network(common.network_config(size))
         network = f"{size} (random weights)"
-    net = net.to(device).eval()
+    # the layout `uniseg` uses on this device, set before either side runs (same object)
+    net = common.optimised_layout(net.to(device).eval(), device)
     patch = net.config.patch_size
     labels = ["background"] + [task.labels[i] for i in sorted(task.labels)]
     clip = task.normalization[task.channels[0]].get("clip_hu")

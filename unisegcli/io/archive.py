@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import stat
 import zipfile
+from pathlib import Path
+
+from unisegcli.errors import ArchiveError
 
 
 def unsafe_member(info: zipfile.ZipInfo) -> str | None:
@@ -21,3 +24,20 @@ def unsafe_member(info: zipfile.ZipInfo) -> str | None:
     if stat.S_ISLNK(info.external_attr >> 16):
         return "symbolic link"
     return None
+
+
+def checked_members(source: Path, *, fix: str) -> list[zipfile.ZipInfo]:
+    """The members of the zip ``source``, refusing the whole archive (ArchiveError, nothing
+    extracted) if it cannot be read or any member is unsafe; ``fix`` ends the message."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            members = archive.infolist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ArchiveError(f"cannot read {source} as a .zip archive: {exc}; download it again.") from exc
+    unsafe = [f"'{m.filename}' ({why})" for m in members if (why := unsafe_member(m))]
+    if unsafe:
+        raise ArchiveError(
+            f"refusing {source}: unsafe members {', '.join(unsafe)}; expected plain relative paths. "
+            f"Nothing was written. {fix}"
+        )
+    return members

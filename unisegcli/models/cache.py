@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Collection, Iterator
 
-from unisegcli.errors import ArchiveError, ChecksumError, OfflineError, WeightsError
+from unisegcli.errors import ChecksumError, OfflineError, WeightsError
 from unisegcli.models.cards import FileCard, ModelCard
-from unisegcli.io.archive import unsafe_member
+from unisegcli.io.archive import checked_members
 from unisegcli.models.safe_pickle import looks_like_html
 
 MANIFEST_NAME = "manifest.json"
@@ -314,18 +314,9 @@ def _candidates(card: ModelCard, source: Path) -> dict[str, list]:
         # Checked before the zip test: a torch checkpoint is itself a zip file.
         found[source.name].append(source)
     elif source.suffix.lower() == ".zip" or zipfile.is_zipfile(source):
-        try:
-            with zipfile.ZipFile(source) as archive:
-                members = archive.infolist()
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise ArchiveError(f"cannot read {source} as a .zip archive: {exc}") from exc
-        unsafe = [f"'{m.filename}' ({why})" for m in members if (why := unsafe_member(m))]
-        if unsafe:
-            raise ArchiveError(
-                f"refusing to import {source}: unsafe members {', '.join(unsafe)}; expected plain "
-                f"relative paths. Nothing was written. Extract the files you trust by hand and "
-                f"import the folder: `uniseg weights import {card.name} FOLDER`."
-            )
+        members = checked_members(source, fix=(
+            f"Extract the files you trust by hand and import the folder: "
+            f"`uniseg weights import {card.name} FOLDER`."))
         for m in members:
             base = re.split(r"[\\/]", m.filename)[-1]
             if base in names and not m.is_dir():

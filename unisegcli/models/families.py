@@ -89,3 +89,26 @@ def card_from_spec(spec: str) -> "ModelCard | None":
         raise UsageError(f"model '{spec}': family '{prefix}' cannot be used as '{prefix}:<path>'; "
                          "expected a registry model name. Run `uniseg models` to list them.")
     return hook(spec)
+
+
+def share_progress(progress: Any, number: int, count: int) -> Any:
+    """progress(done, total) for part ``number`` of ``count`` equal shares of a case's bar
+    (a family's channel groups or datasets); None stays None."""
+    if progress is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        progress(number * total + done, total * count)
+
+    return report
+
+
+def warn_about_input(warn: Any, loaded: Any, image: Any, tasks: Sequence["TaskCard"], window: Sequence[int]) -> None:
+    """Send the input sanity warnings (``preprocessing.sanity``) of ``image`` for each task."""
+    if warn is None:
+        return
+    from unisegcli.preprocessing.sanity import input_warnings
+
+    for task in tasks:
+        for message in input_warnings(image, loaded.scan.spacing_mm, task, window):
+            warn(loaded.case.case_id, message)

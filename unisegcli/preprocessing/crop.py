@@ -31,7 +31,11 @@ def nonzero_bbox(image_czyx: np.ndarray) -> Box3:
     """
     if image_czyx.ndim != 4:
         raise ValueError(f"expected a [C, Z, Y, X] array, got {image_czyx.ndim} dimensions")
-    mask = np.any(image_czyx != 0, axis=0)
+    return mask_bbox(np.any(image_czyx != 0, axis=0))
+
+
+def mask_bbox(mask: np.ndarray) -> Box3:
+    """Half-open (z, y, x) bounding box of a 3-D boolean mask; the full box when it is empty."""
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)

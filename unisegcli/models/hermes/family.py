@@ -133,7 +133,7 @@ def predict(
     from unisegcli.io.cases import task_channels
     from unisegcli.models.hermes.inference import predict_volume
     from unisegcli.models.hermes.preprocessing import preprocess, restore
-    from unisegcli.preprocessing.sanity import input_warnings
+    from unisegcli.models.families import share_progress, warn_about_input
 
     window = tuple(getattr(net, "window_zyx", DEFAULT_WINDOW))
     if isinstance(net, torch.nn.Module):
@@ -143,14 +143,7 @@ def predict(
     for number, group in enumerate(groups):
         first = group[0]
         image = task_channels(loaded, first)
-        if warn is not None:
-            for message in input_warnings(image, loaded.scan.spacing_mm, first, window):
-                warn(loaded.case.case_id, message)
-
-        def report(done: int, total: int, _n: int = number) -> None:
-            if progress is not None:  # datasets count as equal shares of the case's bar
-                progress(_n * total + done, total * len(groups))
-
+        warn_about_input(warn, loaded, image, [first], window)
         volume, grid = preprocess(image[0], loaded.scan.spacing_mm, first, device, min_size=window)
         tokens = token_list(first)
         keep = [tokens.index(int(task.index)) for task in group]
@@ -161,7 +154,7 @@ def predict(
             gaussian=bool(settings.gaussian),
             tta=settings.tta,
             precision=settings.precision,
-            progress=report,
+            progress=share_progress(progress, number, len(groups)),
             keep=keep,
         )
         del volume

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from unisegcli.errors import ArchiveError, CheckpointError
-from unisegcli.io.archive import unsafe_member
+from unisegcli.errors import CheckpointError
+from unisegcli.io.archive import checked_members
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
 _FOLD = re.compile(r"^fold_(\d+|all)$")
@@ -252,18 +252,7 @@ def find_results_folder(path: Path, hint: str | None = None) -> Path:
 
 def check_zip(source: Path) -> list[zipfile.ZipInfo]:
     """The members of a zip, refusing the whole archive if any member could escape its folder."""
-    try:
-        with zipfile.ZipFile(source) as archive:
-            members = archive.infolist()
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ArchiveError(f"cannot read {source} as a .zip archive: {exc}; download it again.") from exc
-    unsafe = [f"'{m.filename}' ({why})" for m in members if (why := unsafe_member(m))]
-    if unsafe:
-        raise ArchiveError(
-            f"refusing {source}: unsafe members {', '.join(unsafe)}; expected plain relative paths. "
-            "Nothing was extracted. Extract the files you trust by hand and use the folder."
-        )
-    return members
+    return checked_members(source, fix="Extract the files you trust by hand and use the folder.")
 
 
 def extract_zip(source: Path, target: Path) -> Path:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from unisegcli.preprocessing.crop import mask_bbox
 from unisegcli.preprocessing.resample import compute_new_shape, resample_to_shape
 from unisegcli.preprocessing.trace import Box3, Shape3
 
@@ -54,15 +55,7 @@ def guess_modality(image: np.ndarray) -> str:
 
 def foreground_bbox(image_czyx: np.ndarray) -> Box3:
     """Half-open box of the voxels > 0 (any channel); the whole volume when there are none."""
-    mask = np.any(image_czyx > 0, axis=0)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=other))
-        if hits.size == 0:
-            return tuple((0, n) for n in mask.shape)  # type: ignore[return-value]
-        box.append((int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)  # type: ignore[return-value]
+    return mask_bbox(np.any(image_czyx > 0, axis=0))
 
 
 def normalize(volume: np.ndarray, modality: str) -> np.ndarray:

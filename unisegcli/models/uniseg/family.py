@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from unisegcli.io.cases import LoadedCase, channel_groups, task_channels
+from unisegcli.models.families import share_progress, warn_about_input
 
 if TYPE_CHECKING:
     import torch
@@ -54,22 +55,13 @@ def predict(
 ) -> dict[str, np.ndarray]:
     """{task name: uint8 [Z, Y, X] label map} for one case, one predictor pass per channel group."""
     from unisegcli.inference.predictor import network_patch_size, predict_case
-    from unisegcli.preprocessing.sanity import input_warnings
 
     prefer_channels_last(net, device)
     groups = channel_groups(tasks)
     label_maps: dict[str, np.ndarray] = {}
     for number, group in enumerate(groups):
         image = task_channels(loaded, group[0])
-        if warn is not None:
-            for task in group:
-                for message in input_warnings(image, loaded.scan.spacing_mm, task, network_patch_size(net)):
-                    warn(loaded.case.case_id, message)
-
-        def report(done: int, total: int, _n: int = number) -> None:
-            if progress is not None:  # groups count as equal shares of the case's bar
-                progress(_n * total + done, total * len(groups))
-
+        warn_about_input(warn, loaded, image, group, network_patch_size(net))
         label_maps.update(predict_case(
             image,
             loaded.scan.spacing_mm,
@@ -80,6 +72,6 @@ def predict(
             step=settings.step,
             tta=settings.tta,
             precision=settings.precision,
-            progress=report,
+            progress=share_progress(progress, number, len(groups)),
         ))
     return label_maps
