@@ -123,6 +123,30 @@ def phantom_ct(shape=(40, 36, 12), box=(slice(10, 25), slice(8, 20), slice(3, 8)
     return data
 
 
+def use_registry(monkeypatch, tmp_path, task_sets: dict, models: dict) -> None:
+    """Run against a registry of these task sets and models (``UNISEG_REGISTRY``) and an empty
+    cache under tmp_path (``UNISEG_HOME``)."""
+    import json
+
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"schema_version": 1, "task_sets": task_sets, "models": models}))
+    monkeypatch.setenv("UNISEG_REGISTRY", str(path))
+    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
+
+
+def blend_weight(shape, patch) -> np.ndarray:
+    """Summed Gaussian window weight per voxel at step 0.5 (the nnU-Net fixture README's w)."""
+    from unisegcli.inference.gaussian import gaussian_map_numpy
+    from unisegcli.inference.tiling import padding_for_patch, window_slices
+
+    pads = padding_for_patch(shape, patch)
+    padded = [n + lo + hi for n, (lo, hi) in zip(shape, pads)]
+    w = np.zeros(padded)
+    for sl in window_slices(padded, patch, 0.5):
+        w[sl] += gaussian_map_numpy(tuple(patch))
+    return w[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))]
+
+
 @pytest.fixture
 def tiny_model(tmp_path, monkeypatch) -> str:
     """A registry model 'tiny' made of the tiny UniSeg parity fixture (random weights), cached."""
@@ -144,11 +168,6 @@ def tiny_model(tmp_path, monkeypatch) -> str:
     model = copy.deepcopy(shipped["models"]["uniseg"])
     model.update(version="test", network=None,
                  files=[file("model_final_checkpoint.model", "checkpoint"), file("plans.pkl", "plans")])
-    registry = {"schema_version": 1, "task_sets": {"uniseg11": shipped["task_sets"]["uniseg11"]},
-                "models": {"tiny": model}}
-    path = tmp_path / "registry.json"
-    path.write_text(json.dumps(registry))
-    monkeypatch.setenv("UNISEG_REGISTRY", str(path))
-    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
+    use_registry(monkeypatch, tmp_path, {"uniseg11": shipped["task_sets"]["uniseg11"]}, {"tiny": model})
     cache.import_model(get_model("tiny"), folder)
     return "tiny"

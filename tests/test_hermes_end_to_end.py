@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, make_affine, phantom_ct, save_nifti
+from conftest import DATA, make_affine, phantom_ct, save_nifti, use_registry
 from unisegcli.api import RunSettings, segment
 from unisegcli.errors import UnknownTaskError, UsageError
 from unisegcli.models.cards import REGISTRY_PATH, get_model, load_registry
@@ -39,12 +39,7 @@ def hermes_tiny(tmp_path, monkeypatch, single_thread) -> str:
     model.update(version="test", network={"window_zyx": WINDOW},
                  files=[{"name": "best.pth", "role": "checkpoint", "urls": [],
                          "sha256": hashlib.sha256(blob).hexdigest(), "size_bytes": len(blob)}])
-    registry = {"schema_version": 1, "task_sets": {"hermes71": RAW["task_sets"]["hermes71"]},
-                "models": {"hermes-tiny": model}}
-    path = tmp_path / "registry.json"
-    path.write_text(json.dumps(registry))
-    monkeypatch.setenv("UNISEG_REGISTRY", str(path))
-    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
+    use_registry(monkeypatch, tmp_path, {"hermes71": RAW["task_sets"]["hermes71"]}, {"hermes-tiny": model})
     cache.import_model(get_model("hermes-tiny"), TINY)
     return "hermes-tiny"
 
@@ -317,12 +312,7 @@ def test_download_shows_the_license_line_first(tmp_path, monkeypatch, httpserver
         monkeypatch.delenv(var, raising=False)
     model = copy.deepcopy(RAW["models"]["hermes"])
     model["files"][0]["urls"] = [httpserver.url_for("/hermes_r.pth")]
-    registry = {"schema_version": 1, "task_sets": {"hermes71": RAW["task_sets"]["hermes71"]},
-                "models": {"hermes": model}}
-    path = tmp_path / "registry.json"
-    path.write_text(json.dumps(registry))
-    monkeypatch.setenv("UNISEG_REGISTRY", str(path))
-    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
+    use_registry(monkeypatch, tmp_path, {"hermes71": RAW["task_sets"]["hermes71"]}, {"hermes": model})
     httpserver.expect_request("/hermes_r.pth").respond_with_data((TINY / "best.pth").read_bytes(),
                                                                  content_type="application/octet-stream")
     result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["weights", "download", "hermes"])

@@ -17,12 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import make_affine, save_nifti
+from conftest import blend_weight, make_affine, save_nifti
 
 from unisegcli.api import RunSettings, segment
 from unisegcli.errors import CheckpointError, UnsafePickleError, UsageError
-from unisegcli.inference.gaussian import gaussian_map_numpy
-from unisegcli.inference.tiling import padding_for_patch, window_slices
 from unisegcli.io.cases import read_case
 from unisegcli.io.discovery import discover
 from unisegcli.models.cards import get_model
@@ -50,14 +48,6 @@ def reference_labels(path: Path) -> np.ndarray:
     return np.asarray(ras.dataobj).transpose(2, 1, 0)
 
 
-def blend_weight(shape, patch) -> np.ndarray:
-    """Summed Gaussian window weight per voxel (the fixture README's w)."""
-    pads = padding_for_patch(shape, patch)
-    padded = [n + lo + hi for n, (lo, hi) in zip(shape, pads)]
-    w = np.zeros(padded)
-    for sl in window_slices(padded, patch, 0.5):
-        w[sl] += gaussian_map_numpy(tuple(patch))
-    return w[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))]
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from conftest import blend_weight
 
 from unisegcli.inference.engine import sliding_window
-from unisegcli.inference.gaussian import gaussian_importance, gaussian_map_numpy
-from unisegcli.inference.tiling import compute_steps, padding_for_patch, window_slices
+from unisegcli.inference.gaussian import gaussian_importance
+from unisegcli.inference.tiling import compute_steps
 from unisegcli.postprocessing.restore import restore_label_map
 from unisegcli.preprocessing import preprocess_volume
 
@@ -143,13 +144,6 @@ def ct_scheme(plans: dict) -> dict:
     }
 
 
-def blend_weight(shape, patch) -> np.ndarray:
-    pads = padding_for_patch(shape, patch)
-    padded = [n + lo + hi for n, (lo, hi) in zip(shape, pads)]
-    w = np.zeros(padded)
-    for sl in window_slices(padded, patch, 0.5):
-        w[sl] += gaussian_map_numpy(tuple(patch))
-    return w[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))]
 
 
 def require_nnunet(module: str) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_affine, save_nifti
+from conftest import make_affine, save_nifti, use_registry
 
 pytest.importorskip("transformers")  # the tiny model's tokenizer (extra "sat")
 
@@ -47,11 +47,7 @@ def tiny_sat(tmp_path, monkeypatch) -> str:
         f.update(urls=[], sha256=hashlib.sha256(blob).hexdigest(), size_bytes=len(blob))
     window = json.loads((TINY / "manifest.json").read_text())["config"]["image_size"]
     model.update(version="test", network={"window": window, "max_queries": 2})
-    registry = {"schema_version": 1, "task_sets": {"sat-vocabulary": []}, "models": {"sat-tiny": model}}
-    path = tmp_path / "registry.json"
-    path.write_text(json.dumps(registry))
-    monkeypatch.setenv("UNISEG_REGISTRY", str(path))
-    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
+    use_registry(monkeypatch, tmp_path, {"sat-vocabulary": []}, {"sat-tiny": model})
     cache.import_model(get_model("sat-tiny"), folder)
     return "sat-tiny"
 
