@@ -120,16 +120,23 @@ def mirror_combinations(axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]
     return [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def _forward(net: Any, x: "torch.Tensor", heads: Sequence[Head]) -> list["torch.Tensor"]:
-    """Network outputs for each head on one batch; the encoder runs once for all heads."""
+def _forward(net: Any, x: "torch.Tensor", heads: Sequence[Head]) -> Iterator["torch.Tensor"]:
+    """Network outputs for each head on one batch, one head at a time; the encoder runs once
+    for all heads. Lazy, so that only one head's full output exists at a time (seven UniSeg
+    heads would otherwise hold seven [B, 4, *patch] outputs at once)."""
     indices = [h.task_index for h in heads]
     if all(i is None for i in indices):
         out = net(x)
-        return [out for _ in heads]
+        for _ in heads:
+            yield out
+        return
     if hasattr(net, "encode") and hasattr(net, "decode"):
         features = net.encode(x)
-        return [net.decode(features, i) for i in indices]
-    return [net(x, i) for i in indices]
+        for i in indices:
+            yield net.decode(features, i)
+        return
+    for i in indices:
+        yield net(x, i)
 
 
 def _check_output(out: "torch.Tensor", batch: int, patch: tuple[int, ...]) -> None:
@@ -169,32 +176,40 @@ def predict_windows(
             else contextlib.nullcontext()
         )
         with ctx:
-            outs = _forward(net, inp, heads)
-        for h, (head, out) in enumerate(zip(heads, outs)):
-            _check_output(out, x.shape[0], patch)
-            if head.channels is not None and out.shape[1] < head.channels:
-                raise ValueError(f"the network returned {out.shape[1]} channels; task needs {head.channels}")
-            out = out.float()
-            if activation == "softmax":
-                # Over ALL output channels, then keep the task's first n_k: UniSeg's
-                # inference_apply_nonlin is softmax_helper over the 4 shared channels, and
-                # predict.py crops `softmax[:now_class_number]` after blending.
-                out = torch.softmax(out, dim=1)
-            elif activation == "sigmoid":
-                out = torch.sigmoid(out)
-            if head.channels is not None:
-                out = out[:, : head.channels]
-            if dims:
-                out = torch.flip(out, dims)
-            if sums[h] is None:
-                # a copy: the output may alias the input or another head's output
-                sums[h] = out.clone()
-            else:
-                sums[h] += out
+            for h, (head, out) in enumerate(zip(heads, _forward(net, inp, heads))):
+                _accumulate(sums, h, head, out, x.shape[0], patch, dims, activation)
+                del out  # before the next head is decoded
     if len(flips) > 1:
         for s in sums:
             s /= len(flips)  # type: ignore[operator]
     return sums  # type: ignore[return-value]
+
+
+def _accumulate(sums: list[Any], h: int, head: Head, out: "torch.Tensor", batch: int,
+                patch: tuple[int, ...], dims: list[int], activation: str | None) -> None:
+    """Add one head's (flipped) output, activated and cut to its channels, to ``sums[h]``."""
+    import torch
+
+    _check_output(out, batch, patch)
+    if head.channels is not None and out.shape[1] < head.channels:
+        raise ValueError(f"the network returned {out.shape[1]} channels; task needs {head.channels}")
+    out = out.float()
+    if activation == "softmax":
+        # Over ALL output channels, then keep the task's first n_k: UniSeg's
+        # inference_apply_nonlin is softmax_helper over the 4 shared channels, and
+        # predict.py crops `softmax[:now_class_number]` after blending.
+        out = torch.softmax(out, dim=1)
+    elif activation == "sigmoid":
+        out = torch.sigmoid(out)
+    if head.channels is not None:
+        out = out[:, : head.channels]
+    if dims:
+        out = torch.flip(out, dims)
+    if sums[h] is None:
+        # a copy: the output may alias the input or another head's output
+        sums[h] = out.clone()
+    else:
+        sums[h] += out
 
 
 MAX_AUTO_BATCH = 16
