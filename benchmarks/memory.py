@@ -206,6 +206,9 @@ def child(scenario: str, input_path: Path, step: float, threads: int | None, dev
         from unisegcli.models.cards import get_model
         from unisegcli.outputs.writer import OutputOptions
     device = resolve_device(device_name)
+    from unisegcli.inference.host_memory import return_large_frees_to_os
+
+    return_large_frees_to_os()  # as the `uniseg` command does at start-up
     size, what, masks, variant = (scenario.split(":") + ["random", "as-is"])[:4]
     with sampler.during("network"):
         net = common.random_network(common.network_config(size)).to(device)

@@ -129,6 +129,9 @@ def segment_command(
     # SIGTERM (Slurm's scancel, timeouts) stops like Ctrl-C: the current case is abandoned
     # without partial files, done markers stay intact, the summary is printed.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    from unisegcli.inference.host_memory import return_large_frees_to_os
+
+    return_large_frees_to_os()  # lower peak memory on large scans (see the module)
     options = OutputOptions(
         structures=tuple(s.strip() for s in structures.split(",") if s.strip()) if structures is not None else None,
         multilabel=multilabel,
