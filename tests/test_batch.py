@@ -120,6 +120,11 @@ def test_resume_skips_done_cases_and_redoes_a_deleted_marker(tmp_path: Path, thr
     assert [e["event"] for e in events_of(runner.invoke(app, [*args, "--overwrite"]).stdout)].count("case_done") == 4
     other = runner.invoke(app, [str(tmp_path / "in"), "-o", str(out), "--tasks", "spleen", "--json"])
     assert [e["event"] for e in events_of(other.stdout)].count("case_done") == 4
+    # so is the same task with another family option (e.g. Gaussian blending switched on)
+    gaussian = runner.invoke(app, [*args, "--gaussian"])
+    assert [e["event"] for e in events_of(gaussian.stdout)].count("case_done") == 4
+    assert [e["event"] for e in events_of(runner.invoke(app, [*args, "--gaussian"]).stdout)].count(
+        "case_skipped") == 4
 
 
 def test_input_list_from_stdin_and_csv(tmp_path: Path, threshold_net) -> None:

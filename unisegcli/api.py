@@ -197,6 +197,10 @@ def segment(
 
     result = Result(model=card, tasks=task_cards, device=str(torch_device), output=out_root)
     options_record = {"outputs": asdict(outputs), "step": step, "tta": tta}
+    family_options = {"modality": modality, "folds": settings.folds, "nnunet_exact": nnunet_exact,
+                      "gaussian": gaussian}
+    # only options that were given: markers written before these options existed stay valid
+    options_record.update({k: v for k, v in family_options.items() if v not in (None, False)})
     todo: list[tuple[CaseInput, Path, dict[str, Any]]] = []
     for case in cases:
         folder = out_root if single else out_root / case.case_id
