@@ -66,24 +66,13 @@ def load_volume(case: Case, device: Any) -> Any:
     return volume
 
 
-def blend_weight(size: tuple[int, ...], patch: tuple[int, ...], step: float) -> np.ndarray:
-    """Summed Gaussian weight per voxel of the (unpadded) volume: nnU-Net accumulates in
-    float16, which is coarse where this is below 1e-3 (the volume's rim)."""
-    from unisegcli.inference.gaussian import gaussian_map_numpy
-    from unisegcli.inference.tiling import padding_for_patch, window_slices
-
-    pads = padding_for_patch(size, patch)
-    padded = [n + lo + hi for n, (lo, hi) in zip(size, pads)]
-    w = np.zeros(padded)
-    for sl in window_slices(padded, patch, step):
-        w[sl] += gaussian_map_numpy(tuple(patch))
-    return w[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, size))]
 
 
 def run_case(case: Case, args: Any, device: Any, conv_run: Any, conv_flops: float) -> dict[str, Any]:
     import torch
 
     from unisegcli.inference.engine import Head, sliding_window
+    from unisegcli.inference.gaussian import summed_weight_numpy
     from unisegcli.inference.tiling import padding_for_patch, window_slices
 
     gpu = common.on_gpu(device)
@@ -166,7 +155,7 @@ def run_case(case: Case, args: Any, device: Any, conv_run: Any, conv_flops: floa
         "max_abs_logit_diff_vs_nnunet": float((ref - theirs).abs().max()),
         "argmax_agreement_vs_nnunet": float((ref.argmax(0) == theirs.argmax(0)).float().mean()),
     }
-    solid = torch.from_numpy(blend_weight(size, patch, args.step) >= 1e-3)
+    solid = torch.from_numpy(summed_weight_numpy(size, patch, args.step) >= 1e-3)
     diff = (ref - theirs).abs()
     agree = ref.argmax(0) == theirs.argmax(0)
     result["solid_fraction"] = float(solid.float().mean())

@@ -134,17 +134,6 @@ def use_registry(monkeypatch, tmp_path, task_sets: dict, models: dict) -> None:
     monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "home"))
 
 
-def blend_weight(shape, patch) -> np.ndarray:
-    """Summed Gaussian window weight per voxel at step 0.5 (the nnU-Net fixture README's w)."""
-    from unisegcli.inference.gaussian import gaussian_map_numpy
-    from unisegcli.inference.tiling import padding_for_patch, window_slices
-
-    pads = padding_for_patch(shape, patch)
-    padded = [n + lo + hi for n, (lo, hi) in zip(shape, pads)]
-    w = np.zeros(padded)
-    for sl in window_slices(padded, patch, 0.5):
-        w[sl] += gaussian_map_numpy(tuple(patch))
-    return w[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from torch import nn
 
 from unisegcli.errors import ChannelError, DeviceError, UsageError
 from unisegcli.inference.engine import Head, mirror_combinations, resolve_device, sliding_window
-from unisegcli.inference.gaussian import gaussian_importance, gaussian_map_numpy
+from unisegcli.inference.gaussian import gaussian_importance, gaussian_map_numpy, summed_weight_numpy
 from unisegcli.inference.predictor import predict_case
 from unisegcli.inference.tiling import compute_steps, padding_for_patch, window_slices
 from unisegcli.models.cards import TaskCard
@@ -129,14 +129,6 @@ def test_pointwise_network_is_reproduced_exactly(shape) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def blend_weight(shape, patch, step: float = 0.5) -> np.ndarray:
-    """float64 sum of the Gaussian weights (max 10 per window) at each voxel of the volume."""
-    pads = padding_for_patch(shape, patch)
-    padded = [n + lo + hi for n, (lo, hi) in zip(shape, pads)]
-    w = np.zeros(padded)
-    for sl in window_slices(padded, patch, step):
-        w[sl] += gaussian_map_numpy(tuple(patch))
-    return w[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))]
 
 
 def _window_interior_mask(shape, patch, step, halo: int) -> np.ndarray:
@@ -259,7 +251,7 @@ def test_fp16_accumulation_and_cpu_precision() -> None:
     (half,) = sliding_window(vol, net, PATCH, accumulation="fp16")
     assert half.dtype == torch.float32
     # float16 sums are coarse only where the summed weights underflow (the volume's rim)
-    solid = torch.from_numpy(blend_weight((11, 13, 15), PATCH) >= 1e-3)
+    solid = torch.from_numpy(summed_weight_numpy((11, 13, 15), PATCH) >= 1e-3)
     assert 0.5 < float(solid.float().mean()) < 1.0
     d = (half - ref).abs()[:, solid]
     assert bool((d <= 0.004 + 0.002 * ref.abs()[:, solid]).all())

@@ -17,10 +17,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import blend_weight, make_affine, save_nifti
+from conftest import make_affine, save_nifti
 
 from unisegcli.api import RunSettings, segment
 from unisegcli.errors import CheckpointError, UnsafePickleError, UsageError
+from unisegcli.inference.gaussian import summed_weight_numpy
 from unisegcli.io.cases import read_case
 from unisegcli.io.discovery import discover
 from unisegcli.models.cards import get_model
@@ -140,7 +141,7 @@ def test_exact_mode_reproduces_nnunet(case: str, record: str, model) -> None:
     ref = np.load(FIXTURE / "logits" / f"{case}_{record}.npy")
     assert logits.dtype == torch.float16 and tuple(logits.shape) == ref.shape
     d = np.abs(logits.float().numpy() - ref.astype(np.float32))
-    solid = blend_weight(ref.shape[1:], part.folder.configuration["patch_size"]) >= 1e-3
+    solid = summed_weight_numpy(ref.shape[1:], part.folder.configuration["patch_size"]) >= 1e-3
     assert (d[:, solid] <= 0.004 + 0.002 * np.abs(ref[:, solid].astype(np.float32))).all()
     assert (d == 0).mean() >= 0.99  # measured: bit-exact (d == 0 everywhere) on 1 thread
 
@@ -162,7 +163,7 @@ def test_float32_mode_is_within_the_fixture_tolerance(case: str, record: str, mo
                                rtol=0, atol=1e-5)
     ref = np.load(FIXTURE / "logits" / f"{case}_{record}.npy").astype(np.float32)
     assert logits.dtype == torch.float32
-    solid = blend_weight(ref.shape[1:], part.folder.configuration["patch_size"]) >= 1e-3
+    solid = summed_weight_numpy(ref.shape[1:], part.folder.configuration["patch_size"]) >= 1e-3
     assert np.abs(logits.numpy() - ref)[:, solid].max() <= 0.05  # measured <= 0.040
     seg = export_segmentation(logits, prepared, part.folder, loaded.scan)
     expected = reference_labels(FIXTURE / f"expected_{record}" / f"{case}.nii.gz")

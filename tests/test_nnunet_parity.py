@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from conftest import blend_weight
 
 from unisegcli.inference.engine import sliding_window
-from unisegcli.inference.gaussian import gaussian_importance
+from unisegcli.inference.gaussian import gaussian_importance, summed_weight_numpy
 from unisegcli.inference.tiling import compute_steps
 from unisegcli.postprocessing.restore import restore_label_map
 from unisegcli.preprocessing import preprocess_volume
@@ -184,7 +183,7 @@ def test_sliding_window_reproduces_nnunet_logits(
     x = torch.from_numpy(np.load(FIXTURE / "preprocessed" / f"{case}.npy"))
     ref = np.load(FIXTURE / "logits" / f"{case}_{record}.npy").astype(np.float32)
     patch = config["patch_size"]
-    solid = blend_weight(x.shape[1:], patch) >= 1e-3
+    solid = summed_weight_numpy(x.shape[1:], patch) >= 1e-3
 
     (half,) = sliding_window(x, network, patch, tta=RECORDS[record], accumulation="fp16", batch_size=1)
     d = np.abs(half.numpy() - ref)
@@ -289,5 +288,5 @@ def test_engine_matches_nnunet_predictor(mirror: bool, shape, plans: dict) -> No
     (half,) = sliding_window(x, net, patch, tta=mirror, accumulation="fp16")
     np.testing.assert_array_equal(half.numpy(), theirs)
     (full,) = sliding_window(x, net, patch, tta=mirror, batch_size=3)
-    solid = blend_weight(shape, patch) >= 1e-3
+    solid = summed_weight_numpy(shape, patch) >= 1e-3
     assert np.abs(full.numpy() - theirs)[:, solid].max() <= 0.05

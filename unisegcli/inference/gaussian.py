@@ -87,3 +87,17 @@ def gaussian_importance(
             _CACHE.clear()
         _CACHE[key] = cached = g
     return cached
+
+
+def summed_weight_numpy(shape: Sequence[int], patch_size: Sequence[int], step: float = 0.5) -> np.ndarray:
+    """float64 sum of the Gaussian weights of every window covering each voxel of a volume of
+    ``shape`` (z, y, x), tiled as the engine tiles it (padding to the patch, then cropped back).
+    Small sums (below ~1e-3) mark the rim, where nnU-Net's float16 accumulation is coarse."""
+    from unisegcli.inference.tiling import padding_for_patch, window_slices
+
+    pads = padding_for_patch(shape, patch_size)
+    padded = [n + lo + hi for n, (lo, hi) in zip(shape, pads)]
+    w = np.zeros(padded)
+    for sl in window_slices(padded, patch_size, step):
+        w[sl] += gaussian_map_numpy(tuple(patch_size))
+    return w[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))]

@@ -147,10 +147,11 @@ def predict(
         volume, grid = preprocess(image[0], loaded.scan.spacing_mm, first, device, min_size=window)
         tokens = token_list(first)
         keep = [tokens.index(int(task.index)) for task in group]
+        modality = modality_id(first, settings)
         probabilities = predict_volume(
-            volume, net, tokens, modality_id(first, settings),
+            volume, net, tokens, modality,
             window=window,
-            batch_size=_batch_size(net, tokens, modality_id(first, settings), window, settings, device),
+            batch_size=_batch_size(net, tokens, modality, window, settings, device),
             gaussian=bool(settings.gaussian),
             tta=settings.tta,
             precision=settings.precision,

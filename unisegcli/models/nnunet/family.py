@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from unisegcli.errors import UsageError
+from unisegcli.models.families import share_progress
 
 if TYPE_CHECKING:
     import torch
@@ -186,11 +187,8 @@ def _blend(volume: "torch.Tensor", net: Any, patch: Sequence[int], two_d: bool, 
     depth = volume.shape[1]
     slices = []
     for z in range(depth):
-        def report(done: int, total: int, _z: int = z) -> None:
-            if progress is not None:
-                progress(_z * total + done, total * depth)
-
-        slices.append(sliding_window(volume[:, z:z + 1], net, patch, progress=report, **options)[0])
+        slices.append(sliding_window(volume[:, z:z + 1], net, patch,
+                                     progress=share_progress(progress, z, depth), **options)[0])
     return torch.cat(slices, dim=1)
 
 
@@ -234,12 +232,8 @@ def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settin
     logits = None
     for number, group in enumerate(runs):
         net = group[0] if len(group) == 1 else FoldAverage(group)
-
-        def report(done: int, total: int, _n: int = number) -> None:
-            if progress is not None:
-                progress(_n * total + done, total * len(runs))
-
-        out = _blend(prepared.tensor, net, patch, two_d, batch_size=batch, progress=report, **options)
+        out = _blend(prepared.tensor, net, patch, two_d, batch_size=batch,
+                     progress=share_progress(progress, number, len(runs)), **options)
         if exact:
             out = out.half()  # nnU-Net sums the folds' float16 logits in float16
         logits = out if logits is None else logits + out
@@ -265,12 +259,8 @@ def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: NnunetModel,
     for number, (part_key, group) in enumerate(sorted(by_part.items())):
         part = net.parts[part_key]
         image = task_channels(loaded, group[0])
-
-        def report(done: int, total: int, _n: int = number) -> None:
-            if progress is not None:  # parts count as equal shares of the case's bar
-                progress(_n * total + done, total * len(by_part))
-
-        logits, prepared = run_part(part, image, loaded, settings=settings, device=device, progress=report)
+        logits, prepared = run_part(part, image, loaded, settings=settings, device=device,
+                                    progress=share_progress(progress, number, len(by_part)))
         labels = export_segmentation(logits, prepared, part.folder, loaded.scan)
         for task in group:
             region = task.extra.get("region")
