@@ -44,3 +44,20 @@ def test_bad_folds_are_one_line_usage_errors(value, tmp_path):
                                       "--tasks", "liver", "--folds", value])
     assert result.exit_code == 2
     assert "--folds" in result.output
+
+
+@pytest.mark.parametrize("model", ["uniseg", "uniseg-demo", "hermes", "totalsegmentator"])
+def test_listing_and_resolving_tasks_does_not_import_torch(model):
+    """`uniseg tasks` and task resolution stay light for every family (own process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from unisegcli.models.cards import get_model; "
+            "from unisegcli.models.families import task_table, resolve_tasks; "
+            f"card = get_model({model!r}); task_table(card); resolve_tasks(card, card.tasks[0].name); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
