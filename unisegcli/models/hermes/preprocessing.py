@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 TARGET_SPACING_MM = 1.5
 MIN_SIZE = 128  # nii2npy.py pads every axis to at least the 128^3 training crop
-ZSCORE_EPS = 1e-8  # guards a constant volume (upstream divides by the plain std)
 RESAMPLING_AXES = {  # scheme -> {axis: order}, applied in this order (z = axis 0)
     "xy_bspline_z_nearest": ((2, 3), (1, 3), (0, 0)),
     "bspline_3d": ((2, 3), (1, 3), (0, 3)),
@@ -114,6 +113,8 @@ def normalize(x: "torch.Tensor", scheme: Mapping[str, Any]) -> "torch.Tensor":
     """Clip (HU window or the volume's percentiles) then z-score over the whole volume."""
     import torch
 
+    from unisegcli.preprocessing.normalize import normalize_channel
+
     name = scheme.get("scheme")
     x64 = x.to(torch.float64)
     if name == "hermes_ct":
@@ -127,9 +128,10 @@ def normalize(x: "torch.Tensor", scheme: Mapping[str, Any]) -> "torch.Tensor":
             lo, hi = (float(v) for v in torch.quantile(flat, q))  # linear, as np.percentile
     else:
         raise ValueError(f"unknown Hermes normalisation {name!r}; expected hermes_ct or hermes_percentile")
-    clipped = x64.clamp(lo, hi)
-    mean, std = clipped.mean(), clipped.std(correction=0)
-    return ((clipped - mean) / (std + ZSCORE_EPS)).to(torch.float32)
+    # z-score over the whole volume in float64 (std + eps guards a constant volume; upstream
+    # divides by the plain std)
+    zscored, _ = normalize_channel(x64.clamp(lo, hi), {"scheme": "zscore"})
+    return zscored.to(torch.float32)
 
 
 def preprocess(image_zyx: np.ndarray, spacing_mm: Sequence[float], task: Any, device: "torch.device",
