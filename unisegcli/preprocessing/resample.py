@@ -97,6 +97,14 @@ def _taps(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray]:
     Computed in float64 with the same expressions as scipy so the taps agree bit for bit.
     """
     coords = (np.arange(n_out, dtype=np.float64) + 0.5) * (float(n_in) / float(n_out)) - 0.5
+    return taps_at(coords, n_in, order)
+
+
+def taps_at(coords: np.ndarray, n_in: int, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input indices and weights, [len(coords), order + 1], that sample a line of ``n_in``
+    voxels at continuous voxel ``coords`` (0 = the first voxel's centre): order 0 nearest
+    (index floor(c + 0.5)), 1 linear, 3 cubic B-spline (indices into the coefficients padded
+    by SPLINE_PAD). Indices are clipped to the line, so edges repeat (mode 'nearest')."""
     if order == 0:
         idx = np.clip(np.floor(coords + 0.5).astype(np.int64), 0, n_in - 1)[:, None]
         return idx, np.ones_like(idx, dtype=np.float64)
@@ -112,7 +120,7 @@ def _taps(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray]:
         idx = start[:, None] + np.arange(4)[None, :]
         d = np.abs(coords[:, None] - idx)
         w = np.where(d < 1.0, 2.0 / 3.0 - d * d + 0.5 * d**3, np.where(d < 2.0, (2.0 - d) ** 3 / 6.0, 0.0))
-        return idx, w
+        return np.clip(idx, 0, n_in + 2 * SPLINE_PAD - 1), w
     raise ValueError(f"interpolation order must be 0, 1 or 3, got {order}")
 
 
@@ -170,17 +178,27 @@ def zoom_axis(x: "torch.Tensor", axis: int, size: int, order: int) -> "torch.Ten
     idx_np, w_np = _taps(n, size, order)
     idx = torch.as_tensor(idx_np, device=x.device)
     w = torch.as_tensor(w_np, dtype=x.dtype, device=x.device)
+    return apply_taps(lines, idx, w).reshape(size, *rest).movedim(0, axis)
+
+
+def apply_taps(lines: "torch.Tensor", idx: "torch.Tensor", w: "torch.Tensor") -> "torch.Tensor":
+    """out[i] = sum over t of w[i, t] * lines[idx[i, t]] for [n, m] ``lines`` and [size, T] taps.
+
+    The first tap is gathered whole (it becomes the output); each further tap is gathered in
+    slabs of output rows (~64 MB of float32), so no second output-sized temporary exists: at
+    export a full-resolution channel is ~420 MB. A single tap of weight 1 (nearest neighbour)
+    is a plain gather.
+    """
     out = lines.index_select(0, idx[:, 0])
-    if order > 0:
+    if idx.shape[1] > 1 or not bool((w[:, 0] == 1).all()):
         out.mul_(w[:, :1])
-        # Each further tap is gathered in slabs of output rows (~64 MB of float32), so no
-        # output-sized temporary exists: at export a full-resolution channel is ~420 MB.
-        rows = max(1, SLAB_ELEMENTS // max(1, lines.shape[1]))
-        for t in range(1, idx.shape[1]):
-            for lo in range(0, size, rows):
-                hi = min(size, lo + rows)
-                out[lo:hi].addcmul_(lines.index_select(0, idx[lo:hi, t]), w[lo:hi, t : t + 1])
-    return out.reshape(size, *rest).movedim(0, axis)
+    size = idx.shape[0]
+    rows = max(1, SLAB_ELEMENTS // max(1, lines.shape[1]))
+    for t in range(1, idx.shape[1]):
+        for lo in range(0, size, rows):
+            hi = min(size, lo + rows)
+            out[lo:hi].addcmul_(lines.index_select(0, idx[lo:hi, t]), w[lo:hi, t : t + 1])
+    return out
 
 
 def _clip_like(out: "torch.Tensor", source: "torch.Tensor", dims: tuple[int, ...]) -> "torch.Tensor":

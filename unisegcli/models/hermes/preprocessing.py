@@ -72,7 +72,7 @@ def sample_axis(x: "torch.Tensor", axis: int, coords: np.ndarray, order: int, ou
     """
     import torch
 
-    from unisegcli.preprocessing.resample import SPLINE_PAD, _spline_coefficients
+    from unisegcli.preprocessing.resample import _spline_coefficients, apply_taps, taps_at
 
     n = x.shape[axis]
     moved = x.movedim(axis, 0)
@@ -81,28 +81,12 @@ def sample_axis(x: "torch.Tensor", axis: int, coords: np.ndarray, order: int, ou
     c = np.asarray(coords, dtype=np.float64)
     if outside is None:
         c = np.clip(c, 0.0, n - 1.0)
-    if order == 0:
-        idx = np.clip(np.floor(c + 0.5).astype(np.int64), 0, n - 1)[:, None]
-        w = np.ones_like(idx, dtype=np.float64)
-    elif order == 1:
-        lo = np.floor(c)
-        t = c - lo
-        idx = np.clip(np.stack([lo, lo + 1], axis=1).astype(np.int64), 0, n - 1)
-        w = np.stack([1.0 - t, t], axis=1)
-    elif order == 3:
+    if order == 3:
         lines = _spline_coefficients(lines)
-        p = c + SPLINE_PAD
-        start = np.floor(p).astype(np.int64) - 1
-        idx = np.clip(start[:, None] + np.arange(4)[None, :], 0, n + 2 * SPLINE_PAD - 1)
-        d = np.abs(p[:, None] - (start[:, None] + np.arange(4)[None, :]))
-        w = np.where(d < 1.0, 2.0 / 3.0 - d * d + 0.5 * d**3, np.where(d < 2.0, (2.0 - d) ** 3 / 6.0, 0.0))
-    else:
-        raise ValueError(f"interpolation order must be 0, 1 or 3, got {order}")
+    idx, w = taps_at(c, n, order)
     index = torch.as_tensor(idx, device=x.device)
     weight = torch.as_tensor(w, dtype=x.dtype, device=x.device)
-    out = lines.index_select(0, index[:, 0]) * weight[:, :1]
-    for k in range(1, index.shape[1]):
-        out.addcmul_(lines.index_select(0, index[:, k]), weight[:, k:k + 1])
+    out = apply_taps(lines, index, weight)
     if outside is not None:
         beyond = torch.as_tensor((c < -0.5) | (c > n - 0.5), device=x.device)
         out[beyond] = outside
