@@ -201,9 +201,22 @@ def segment(
                       "gaussian": gaussian}
     # only options that were given: markers written before these options existed stay valid
     options_record.update({k: v for k, v in family_options.items() if v not in (None, False)})
+    from unisegcli.outputs.writer import check_inputs_spared, output_names, select_structures
+
+    names = list(output_names(select_structures(outputs.structures, [s for t in task_cards for s in t.structures]),
+                              outputs).values())
+    every_input = [p for case in all_cases for p in case.paths]
     todo: list[tuple[CaseInput, Path, dict[str, Any]]] = []
+    blocked: list[tuple[CaseInput, UnisegError]] = []
     for case in cases:
         folder = out_root if single else out_root / case.case_id
+        try:
+            check_inputs_spared(folder, names, every_input)
+        except UnisegError as exc:
+            if single:
+                raise
+            blocked.append((case, exc))  # recorded as failed once the run has started
+            continue
         record = markers.marker_record(card.name, card.version, [t.name for t in task_cards],
                                        options_record, case.paths)
         if not overwrite and markers.is_done(folder, record):
@@ -214,6 +227,7 @@ def segment(
 
     if not todo:  # everything done before: no model work at all
         events.run_started(card, task_cards, cases, str(torch_device))
+        _record_blocked(blocked, result, events, out_root)
         events.run_finished(result)
         return result
     # A single case is read (and its channels checked) before the slow weights load, so a
@@ -225,6 +239,7 @@ def segment(
             task_channels(first, task)
     net = load_network(card, offline=offline, events=events, settings=settings, tasks=task_cards)
     events.run_started(card, task_cards, cases, str(torch_device))
+    _record_blocked(blocked, result, events, out_root)
     try:
         _run_cases(todo, first, task_cards, net, settings, outputs, series_uid,
                    out_root, single, result, events, torch_device, card.family)
@@ -270,7 +285,7 @@ def _run_cases(
                 case_result = run_case(loaded, tasks, net, folder, settings=settings, outputs=outputs,
                                        device=device, progress=events.windows, warn=events.warning,
                                        cohort_folder=None if single else out_root, family=family)
-                markers.write_marker(folder, record)
+                markers.write_marker(folder, record, case_result.files)
             except UnisegError as exc:
                 if single:
                     raise
@@ -279,6 +294,12 @@ def _run_cases(
             case_result.seconds = time.perf_counter() - started
             result.cases.append(case_result)
             events.case_done(case_result)
+
+
+def _record_blocked(blocked: Sequence[tuple[CaseInput, UnisegError]], result: Result, events: Events,
+                    out_root: Path) -> None:
+    for case, exc in blocked:
+        _record_failure(result, events, out_root, case, type(exc).__name__, str(exc), int(exc.exit_code))
 
 
 def _record_failure(result: Result, events: Events, out_root: Path, case: CaseInput,

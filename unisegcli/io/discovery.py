@@ -28,6 +28,19 @@ from unisegcli.io.nifti import case_id, is_nifti_name
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 _GLOB_CHARS = set("*?[")
+_UNSAFE_ID_CHARS = set("/\\\0")
+
+
+def check_case_id(cid: str, where: str) -> str:
+    """A case id names the folder ``OUT/<case_id>``: it must be one plain path component (no
+    separator, not '.'/'..', not hidden, no control characters), so no output lands outside OUT."""
+    if (not cid or cid in (".", "..") or cid.startswith(".") or _UNSAFE_ID_CHARS & set(cid)
+            or any(ord(c) < 32 for c in cid)):
+        raise UsageError(
+            f"{where}: case id {cid!r} is not a plain folder name; expected letters, digits and "
+            "'_', '-', '.' without '/' or a leading '.' (the id becomes OUT/<case_id>). Rename it."
+        )
+    return cid
 
 
 @dataclass(frozen=True)
@@ -73,9 +86,13 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _scan_folder(folder: Path, raw: str | Path) -> tuple[list[Path], list[Path]]:
-    """NIfTI files and DICOM series folders below ``folder`` (hidden names skipped)."""
+    """NIfTI files and DICOM series folders below ``folder`` (hidden names skipped, and the
+    outputs of earlier uniseg runs: files listed in their folder's done marker)."""
+    from unisegcli.outputs.markers import written_files
+
     nifti = sorted(
-        p for p in folder.rglob("*") if p.is_file() and is_nifti_name(p) and not p.name.startswith(".")
+        p for p in folder.rglob("*")
+        if p.is_file() and is_nifti_name(p) and not p.name.startswith(".") and p.name not in written_files(p.parent)
     )
     dicom: list[Path] = []
     if not nifti and _is_dicom(folder):
@@ -147,6 +164,7 @@ def read_input_list(source: str | Path, stdin: TextIO | None = None) -> list[Cas
         cid = (row.get("case_id") or "").strip()
         if not cid:
             raise UsageError(f"input list '{source}' line {number}: empty case_id; expected an id per row.")
+        check_case_id(cid, f"input list '{source}' line {number}")
         if row.get("path"):
             cases.append(CaseInput(cid, (resolve(row["path"]),)))
         elif channel_columns and all(row.get(c) for c in channel_columns):

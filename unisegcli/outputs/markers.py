@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -46,19 +47,48 @@ def marker_record(model: str, version: str, tasks: Sequence[str], options: Mappi
     }
 
 
-def is_done(folder: Path, record: Mapping[str, Any]) -> bool:
-    """True when ``folder`` holds a marker for exactly this model, tasks, options and input."""
+def _read_marker(folder: Path) -> dict[str, Any] | None:
     try:
         found = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def is_done(folder: Path, record: Mapping[str, Any]) -> bool:
+    """True when ``folder`` holds a marker for exactly this model, tasks, options and input."""
+    found = _read_marker(folder)
+    if found is None:
         return False
     found.pop("finished", None)
+    found.pop("files", None)  # what was written, not what was asked for
     return found == json.loads(json.dumps(record))
 
 
-def write_marker(folder: Path, record: Mapping[str, Any]) -> Path:
-    """Mark a case done (call after all its outputs exist)."""
-    data = {**record, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def written_files(folder: Path) -> frozenset[str]:
+    """Names of the files an earlier run wrote into ``folder`` (from its done marker): input
+    discovery skips them, so a batch written into its input folder never reads its own masks."""
+    return _written_files(Path(folder).resolve(), _marker_mtime(folder))
+
+
+def _marker_mtime(folder: Path) -> float:
+    try:
+        return (folder / MARKER_NAME).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@lru_cache(maxsize=1024)
+def _written_files(folder: Path, mtime: float) -> frozenset[str]:
+    found = _read_marker(folder) if mtime else None
+    files = found.get("files") if found else None
+    return frozenset(str(f) for f in files) if isinstance(files, list) else frozenset()
+
+
+def write_marker(folder: Path, record: Mapping[str, Any], files: Sequence[Path] = ()) -> Path:
+    """Mark a case done (call after all its outputs exist); ``files`` are its output files."""
+    data = {**record, "files": sorted(Path(f).name for f in files),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return write_text_atomic(folder / MARKER_NAME, json.dumps(data, indent=2) + "\n")
 
 

@@ -140,6 +140,38 @@ def _check_file_names(names: Sequence[str]) -> None:
             raise OutputError(f"output name '{name}' is not a plain file name; expected no '/' or leading '.'.")
 
 
+def output_names(structures: Sequence[str], options: OutputOptions) -> dict[str, str]:
+    """{role: file name} of every file a case writes for these (selected) structures."""
+    from unisegcli.outputs.dicom_out import OUTPUT_FILE_NAMES
+
+    names: dict[str, str] = {}
+    if options.output_type == "nifti":
+        names.update({f"mask:{n}": f"{n}.nii.gz" for n in structures})
+    else:
+        names["dicom"] = OUTPUT_FILE_NAMES[options.output_type]
+    if options.multilabel and structures:
+        names.update(multilabel="segmentation.nii.gz", labels_json="labels.json")
+    if options.statistics:
+        names.update(statistics_json="statistics.json", statistics_csv="statistics.csv")
+    if options.preview:
+        names["preview"] = "preview.png"
+    _check_file_names(list(names.values()))
+    return names
+
+
+def check_inputs_spared(folder: Path, names: Sequence[str], inputs: Sequence[Path]) -> None:
+    """Refuse outputs that would replace an input file of the run (e.g. ``-o`` the scan's own
+    folder with a scan named ``liver.nii.gz``): OutputError before anything is written."""
+    taken = {Path(p).resolve() for p in inputs}
+    for name in names:
+        target = (Path(folder) / name).resolve()
+        if target in taken:
+            raise OutputError(
+                f"output '{Path(folder) / name}' would overwrite the input scan of the same name; "
+                "expected outputs apart from the inputs. Pass another -o folder."
+            )
+
+
 def write_case_outputs(
     scan: Scan,
     masks_zyx: Mapping[str, np.ndarray],
@@ -167,7 +199,7 @@ def write_case_outputs(
     import nibabel as nib
 
     options.check()
-    from unisegcli.outputs.dicom_out import OUTPUT_FILE_NAMES, check_dicom_output
+    from unisegcli.outputs.dicom_out import check_dicom_output
 
     check_dicom_output(options.output_type, dicom_source)
     folder = Path(folder)
@@ -179,18 +211,7 @@ def write_case_outputs(
         masks = clean_masks({n: masks_zyx[n] for n in selected}, options, voxel_ml)
     case = case_id if case_id is not None else scan.case_id
 
-    names: dict[str, str] = {}  # role -> file name
-    if options.output_type == "nifti":
-        names.update({f"mask:{n}": f"{n}.nii.gz" for n in masks})
-    else:
-        names["dicom"] = OUTPUT_FILE_NAMES[options.output_type]
-    if options.multilabel and masks:
-        names.update(multilabel="segmentation.nii.gz", labels_json="labels.json")
-    if options.statistics:
-        names.update(statistics_json="statistics.json", statistics_csv="statistics.csv")
-    if options.preview:
-        names["preview"] = "preview.png"
-    _check_file_names(list(names.values()))
+    names = output_names(list(masks), options)
 
     # Everything that can fail on content is computed before any file is staged.
     statistics = None
