@@ -43,7 +43,7 @@ SYNTHETIC_SPACING_ZYX = (2.5, 0.8, 0.8)
 @contextlib.contextmanager
 def stage_clock(stages: dict[str, float]) -> Iterator[None]:
     """Add the wall time of uniseg's pipeline stages to ``stages`` while active."""
-    import unisegcli.inference.predictor as predictor
+    import unisegcli.models.uniseg.predictor as predictor
     import unisegcli.outputs.writer as writer
 
     patched = [
@@ -91,7 +91,7 @@ def main() -> None:
     machine = common.machine_record(device)
     gpu = common.on_gpu(device)
 
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
 
     task = get_model(args.model).resolve_tasks(args.task)[0]
     if args.weights is not None:
@@ -176,7 +176,7 @@ def run_input(path: Path, tmp_dir: Path, net: Any, task: Any, labels: list[str],
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from unisegcli.api import RunSettings, run_case
-    from unisegcli.inference.predictor import _count_windows
+    from unisegcli.models.uniseg.predictor import _count_windows
     from unisegcli.io.cases import read_case
     from unisegcli.io.discovery import discover
     from unisegcli.outputs.writer import OutputOptions

@@ -57,7 +57,7 @@ def load_volume(case: Case, device: Any) -> Any:
         lo, hi = CLIP_HU
         return ((hu.clamp(lo, hi) - lo) / (hi - lo)).to(device)
     from unisegcli.io.nifti import read_scan
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
     from unisegcli.preprocessing import preprocess
 
     scan = read_scan(common.EXAMPLE_CT)

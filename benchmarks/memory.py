@@ -197,13 +197,13 @@ def child(scenario: str, input_path: Path, step: float, threads: int | None, dev
 
         if threads:
             torch.set_num_threads(threads)
-        import unisegcli.inference.predictor as predictor
+        import unisegcli.models.uniseg.predictor as predictor
         import unisegcli.outputs.writer as writer
         from unisegcli.api import RunSettings, run_case
         from unisegcli.inference.engine import resolve_device
         from unisegcli.io.cases import read_case
         from unisegcli.io.discovery import discover
-        from unisegcli.models.cards import get_model
+        from unisegcli.weights.resolver import get_model
         from unisegcli.outputs.writer import OutputOptions
     device = resolve_device(device_name)
     from unisegcli.inference.host_memory import return_large_frees_to_os

@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     from unisegcli.inference.engine import Head, sliding_window
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
 
     ks = sorted({1, *(k for k in args.ks if 1 <= k <= len(CT_TASKS))})
     tasks = list(get_model("uniseg").resolve_tasks(CT_TASKS))
@@ -115,7 +115,7 @@ def main() -> None:
 def seven_tasks_record(net: Any, tasks: list, shape: tuple, device: Any, repeat: int, batch: int) -> dict:
     """predict_case: 7 tasks in one call vs 7 calls of one task, on a synthetic CT at the tasks'
     spacing (no resampling), the same network in memory for both."""
-    from unisegcli.inference.predictor import predict_case
+    from unisegcli.models.uniseg.predictor import predict_case
 
     image = common.synthetic_ct(shape).astype(np.float32)[None]
     spacing = tasks[0].spacing_mm

@@ -51,12 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from unisegcli.inference.predictor import predict_case  # noqa: E402
+from unisegcli.models.uniseg.predictor import predict_case  # noqa: E402
 from unisegcli.inference.tiling import padding_for_patch  # noqa: E402
 from unisegcli.io.atomic import staged_files  # noqa: E402
 from unisegcli.io.nifti import Scan, check_output_dir, read_scan  # noqa: E402
-from unisegcli.models.cards import REGISTRY_PATH, TaskCard, get_model  # noqa: E402
-from unisegcli.models.checkpoint import CONFIG_NAME, SAFETENSORS_NAME  # noqa: E402
+from unisegcli.weights.cards import REGISTRY_PATH, TaskCard  # noqa: E402
+from unisegcli.weights.resolver import get_model  # noqa: E402
+from unisegcli.weights.checkpoint import CONFIG_NAME, SAFETENSORS_NAME  # noqa: E402
 from unisegcli.models.uniseg import UniSegConfig, UniSegNet, load_uniseg  # noqa: E402
 from unisegcli.preprocessing import Trace, preprocess  # noqa: E402
 from unisegcli.preprocessing.crop import crop_to_bbox  # noqa: E402

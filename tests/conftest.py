@@ -143,8 +143,9 @@ def tiny_model(tmp_path, monkeypatch) -> str:
     import hashlib
     import json
 
-    from unisegcli.models import cache
-    from unisegcli.models.cards import REGISTRY_PATH, get_model
+    from unisegcli.weights import cache
+    from unisegcli.weights.cards import REGISTRY_PATH
+    from unisegcli.weights.resolver import get_model
 
     shipped = json.loads(REGISTRY_PATH.read_text())
     folder = DATA / "uniseg_tiny"

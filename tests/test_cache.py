@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from unisegcli.errors import ArchiveError, ChecksumError, OfflineError, WeightsError
-from unisegcli.models import cache
-from unisegcli.models.cards import parse_registry
-from unisegcli.models.download import ensure_model
+from unisegcli.weights import cache
+from unisegcli.weights.cards import parse_registry
+from unisegcli.weights.download import ensure_model
 
 TASK = {
     "name": "liver", "index": 0, "modality": "CT", "channels": ["ct"], "labels": {"1": "liver"},

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from unisegcli.errors import CheckpointError, UnsafePickleError
-from unisegcli.models import safe_pickle
-from unisegcli.models.checkpoint import (
+from unisegcli.weights import safe_pickle
+from unisegcli.models.uniseg.convert import convert_checkpoint
+from unisegcli.weights.checkpoint import (
     StateDictMismatchError,
-    convert_checkpoint,
     load_state_dict,
     load_torch_file,
     read_plans,

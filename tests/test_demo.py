@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unisegcli.models.cards import get_model
+from unisegcli.weights.resolver import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -96,7 +96,7 @@ def test_registry_entry_describes_the_demo_model() -> None:
 
 
 def test_registry_network_is_the_script_plans_and_the_shipped_config() -> None:
-    from unisegcli.models.cache import model_dir
+    from unisegcli.weights.cache import model_dir
     from unisegcli.models.uniseg import UniSegConfig
 
     card = get_model(DEMO)
@@ -110,7 +110,7 @@ def test_registry_network_is_the_script_plans_and_the_shipped_config() -> None:
 
 
 def test_shipped_files_match_the_registry() -> None:
-    from unisegcli.models.cache import find_model_files, verify_model
+    from unisegcli.weights.cache import find_model_files, verify_model
 
     card = get_model(DEMO)
     checks = verify_model(card)
@@ -125,7 +125,7 @@ def test_shipped_files_match_the_registry() -> None:
 def test_shipped_weights_load_with_the_official_loader() -> None:
     from safetensors import safe_open
 
-    from unisegcli.models.download import ensure_model
+    from unisegcli.weights.download import ensure_model
     from unisegcli.models.uniseg import UniSegConfig, UniSegNet, load_uniseg
 
     card = get_model(DEMO)
@@ -150,9 +150,9 @@ def test_predictor_segments_the_training_scan() -> None:
     """Library path: predict_case with the shipped network (same as the CLI, minus writing)."""
     import torch
 
-    from unisegcli.inference.predictor import predict_case
+    from unisegcli.models.uniseg.predictor import predict_case
     from unisegcli.io.nifti import read_scan
-    from unisegcli.models.cache import find_model_files
+    from unisegcli.weights.cache import find_model_files
     from unisegcli.models.uniseg import load_uniseg
 
     card = get_model(DEMO)
@@ -228,9 +228,9 @@ def test_retraining_reproduces_the_shipped_dice(tmp_path: Path) -> None:
     """
     import torch
 
-    from unisegcli.inference.predictor import predict_case
+    from unisegcli.models.uniseg.predictor import predict_case
     from unisegcli.io.nifti import read_scan
-    from unisegcli.models.cache import find_model_files
+    from unisegcli.weights.cache import find_model_files
     from unisegcli.models.uniseg import load_uniseg
 
     done = subprocess.run(

@@ -20,9 +20,9 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from unisegcli.errors import ChecksumError, DownloadError, OfflineError
-from unisegcli.models import cache
-from unisegcli.models.cards import parse_registry
-from unisegcli.models.download import (
+from unisegcli.weights import cache
+from unisegcli.weights.cards import parse_registry
+from unisegcli.weights.download import (
     RetryPolicy, UnverifiedFileWarning, drive_confirm_url, ensure_model, file_urls,
 )
 
@@ -398,6 +398,6 @@ def test_eight_processes_download_once_and_share(httpserver: HTTPServer, tmp_pat
     (b"PK\x03\x04<html", False),
 ])
 def test_only_html_documents_count_as_web_pages(head: bytes, page: bool) -> None:
-    from unisegcli.models.safe_pickle import looks_like_html
+    from unisegcli.weights.safe_pickle import looks_like_html
 
     assert looks_like_html(head) is page

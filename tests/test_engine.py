@@ -16,9 +16,9 @@ from torch import nn
 from unisegcli.errors import ChannelError, DeviceError, UsageError
 from unisegcli.inference.engine import Head, mirror_combinations, resolve_device, sliding_window
 from unisegcli.inference.gaussian import gaussian_importance, gaussian_map_numpy, summed_weight_numpy
-from unisegcli.inference.predictor import predict_case
+from unisegcli.models.uniseg.predictor import predict_case
 from unisegcli.inference.tiling import compute_steps, padding_for_patch, window_slices
-from unisegcli.models.cards import TaskCard
+from unisegcli.weights.cards import TaskCard
 
 PATCH = (6, 8, 10)
 

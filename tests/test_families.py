@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from unisegcli.cli.app import app
 from unisegcli.errors import UsageError
 from unisegcli.models import families
-from unisegcli.models.cards import get_model
+from unisegcli.weights.resolver import get_model
 
 
 def test_uniseg_family_module_has_the_required_hooks():
@@ -53,7 +53,7 @@ def test_listing_and_resolving_tasks_does_not_import_torch(model):
     import sys
     from pathlib import Path
 
-    code = ("import sys; from unisegcli.models.cards import get_model; "
+    code = ("import sys; from unisegcli.weights.resolver import get_model; "
             "from unisegcli.models.families import task_table, resolve_tasks; "
             f"card = get_model({model!r}); task_table(card); resolve_tasks(card, card.tasks[0].name); "
             "print('torch' in sys.modules)")

@@ -21,7 +21,8 @@ import torch
 from conftest import DATA, make_affine, phantom_ct, save_nifti, use_registry
 from unisegcli.api import RunSettings, segment
 from unisegcli.errors import UnknownTaskError, UsageError
-from unisegcli.models.cards import REGISTRY_PATH, get_model, load_registry
+from unisegcli.weights.cards import REGISTRY_PATH, load_registry
+from unisegcli.weights.resolver import get_model
 from unisegcli.models.families import resolve_tasks, task_table
 
 TINY = DATA / "hermes_tiny"
@@ -32,7 +33,7 @@ RAW = json.loads(REGISTRY_PATH.read_text())
 @pytest.fixture
 def hermes_tiny(tmp_path, monkeypatch, single_thread) -> str:
     """Registry model 'hermes-tiny': the shipped Hermes cards + the tiny fixture checkpoint, cached."""
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     blob = (TINY / "best.pth").read_bytes()
     model = copy.deepcopy(RAW["models"]["hermes"])
@@ -319,7 +320,7 @@ def test_download_shows_the_license_line_first(tmp_path, monkeypatch, httpserver
     assert result.exit_code == 0, result.output
     license_at = result.stderr.index("license: not specified by the authors")
     assert result.stderr.count("warning:") == 1 and result.stderr.index("warning:") > license_at
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     assert cache.missing_files(get_model("hermes")) == []
 

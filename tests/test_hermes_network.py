@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from unisegcli.errors import CheckpointError
-from unisegcli.models.checkpoint import StateDictMismatchError
+from unisegcli.weights.checkpoint import StateDictMismatchError
 from unisegcli.models.hermes import HermesConfig, HermesUNet, load_hermes
 from unisegcli.models.hermes.inference import axis_starts, hermes_windows, predict_volume
 
@@ -249,7 +249,7 @@ def test_bad_index_shapes_are_refused(tiny_net):
 
 
 def test_ema_weights_are_preferred_and_fallbacks_work(tmp_path, single_thread):
-    from unisegcli.models.checkpoint import load_torch_file
+    from unisegcli.weights.checkpoint import load_torch_file
 
     ckpt = load_torch_file(TINY / "best.pth")
     ema, plain = ckpt["ema_model_state_dict"], ckpt["model_state_dict"]
@@ -279,7 +279,7 @@ def test_safetensors_round_trip(tmp_path, tiny_net):
 
 
 def test_checkpoint_errors_are_one_line(tmp_path):
-    from unisegcli.models.checkpoint import load_torch_file
+    from unisegcli.weights.checkpoint import load_torch_file
 
     ema = load_torch_file(TINY / "best.pth")["ema_model_state_dict"]
     broken = {k: v for k, v in ema.items() if k != "out.norm.bias"}

@@ -24,7 +24,7 @@ from unisegcli.errors import CheckpointError, UnsafePickleError, UsageError
 from unisegcli.inference.gaussian import summed_weight_numpy
 from unisegcli.io.cases import read_case
 from unisegcli.io.discovery import discover
-from unisegcli.models.cards import get_model
+from unisegcli.weights.resolver import get_model
 from unisegcli.models.families import needed_roles, resolve_tasks
 from unisegcli.models.nnunet import family
 from unisegcli.models.nnunet.folder import read_results_folder, resolve_configuration

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from unisegcli.api import segment
 from unisegcli.errors import ArchiveError, UsageError
-from unisegcli.models import imported
-from unisegcli.models.cards import get_model
+from unisegcli.weights import imported
+from unisegcli.weights.resolver import get_model
 from unisegcli.models.nnunet.importing import import_folder
 
 FIXTURE = Path(__file__).parent / "data" / "nnunetv2_tiny"

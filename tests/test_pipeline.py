@@ -141,7 +141,7 @@ def test_first_use_downloads_after_showing_the_license(tmp_path: Path, httpserve
     import copy
     import hashlib
 
-    from unisegcli.models.cards import REGISTRY_PATH
+    from unisegcli.weights.cards import REGISTRY_PATH
 
     tiny = Path(__file__).parent / "data" / "uniseg_tiny"
     files = []

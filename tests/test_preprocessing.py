@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from unisegcli.errors import ChannelError, DeviceError
-from unisegcli.models.cards import TaskCard
+from unisegcli.weights.cards import TaskCard
 from unisegcli.postprocessing.restore import restore_label_map, restore_probabilities
 from unisegcli.preprocessing import preprocess, preprocess_volume
 from unisegcli.preprocessing.crop import crop_to_bbox, nonzero_bbox

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from unisegcli.errors import UnknownTaskError, UsageError
-from unisegcli.models.cards import REGISTRY_PATH, RegistryError, get_model, load_registry, parse_registry
+from unisegcli.weights.cards import REGISTRY_PATH, RegistryError, load_registry, parse_registry
+from unisegcli.weights.resolver import get_model
 
 RAW = json.loads(REGISTRY_PATH.read_text())
 

@@ -28,8 +28,9 @@ TINY = DATA / "sat_tiny"
 @pytest.fixture
 def tiny_sat(tmp_path, monkeypatch) -> str:
     """A registry model 'sat-tiny' made of the tiny SAT fixture (random weights), cached."""
-    from unisegcli.models import cache
-    from unisegcli.models.cards import REGISTRY_PATH, get_model
+    from unisegcli.weights import cache
+    from unisegcli.weights.cards import REGISTRY_PATH
+    from unisegcli.weights.resolver import get_model
 
     folder = tmp_path / "files"
     folder.mkdir()
@@ -124,7 +125,7 @@ def test_masks_land_on_the_structure(tiny_sat, tmp_path, monkeypatch, single_thr
 
 def test_cached_embeddings_equal_live_tower(tiny_sat, single_thread):
     from unisegcli.api import load_network
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
     from unisegcli.models.families import needed_roles, resolve_tasks
     from unisegcli.models.sat import family
     from unisegcli.models.sat.embeddings import cached_table, table_path
@@ -176,7 +177,7 @@ def test_cli_prepare_and_segment(tiny_sat, tmp_path, single_thread):
     from typer.testing import CliRunner
 
     from unisegcli.cli.app import app
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
     from unisegcli.models.sat.embeddings import table_path
 
     runner = CliRunner()

@@ -75,7 +75,7 @@ def test_modality_check():
 
 
 def test_resolve_tasks_builds_one_card_per_prompt():
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
     from unisegcli.models.families import needed_roles, resolve_tasks
 
     card = get_model("sat-nano")
@@ -91,7 +91,7 @@ def test_resolve_tasks_builds_one_card_per_prompt():
 
 
 def test_registry_entries():
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
 
     for name, checkpoint in (("sat-nano", "nano.pth"), ("sat-pro", "SAT_Pro.pth")):
         card = get_model(name)
@@ -116,7 +116,7 @@ def test_cli_tasks_lists_the_vocabulary():
 
 
 def test_task_table_rows():
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
     from unisegcli.models.families import task_table
 
     columns, rows = task_table(get_model("sat-pro"))
@@ -197,7 +197,7 @@ def test_listing_the_vocabulary_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from unisegcli.models.cards import get_model; "
+    code = ("import sys; from unisegcli.weights.resolver import get_model; "
             "from unisegcli.models.families import task_table, resolve_tasks; "
             "card = get_model('sat-nano'); task_table(card); resolve_tasks(card, 'liver,L1'); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")

@@ -19,8 +19,9 @@ from pytest_httpserver import HTTPServer
 from typer.testing import CliRunner
 
 from unisegcli.api import segment
-from unisegcli.models.cards import get_model, load_registry
-from unisegcli.models.download import UnverifiedFileWarning
+from unisegcli.weights.cards import load_registry
+from unisegcli.weights.resolver import get_model
+from unisegcli.weights.download import UnverifiedFileWarning
 from unisegcli.models.families import needed_roles, resolve_tasks
 
 FIXTURE = Path(__file__).parent / "data" / "nnunetv2_tiny"
@@ -102,7 +103,7 @@ def requested(server: HTTPServer) -> list[str]:
 
 def test_classes_of_one_part_download_and_run_only_that_part(
         mock_registry, httpserver: HTTPServer, tmp_path: Path) -> None:
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     with pytest.warns(UnverifiedFileWarning, match="Dataset291_Mock.zip"):  # the registry has no sha256
         result = segment([FIXTURE / "inputs" / "realct_0000.nii.gz"], "spleen,liver", output=tmp_path / "a",
@@ -139,7 +140,7 @@ def test_cli_download_fetches_every_part(mock_registry, httpserver: HTTPServer) 
 
 
 def test_remove_deletes_the_unpacked_parts(mock_registry, tmp_path: Path) -> None:
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     with pytest.warns(UnverifiedFileWarning):
         segment([FIXTURE / "inputs" / "realct_0000.nii.gz"], "liver", output=tmp_path / "a",

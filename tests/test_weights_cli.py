@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from unisegcli.errors import ChecksumError, OfflineError, UnknownModelError
 from unisegcli.cli.weights import weights_app
-from unisegcli.models import cache, cards
+from unisegcli.weights import cache, cards, resolver
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,7 +75,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, httpserver: HTTPSe
 
 
 def card() -> cards.ModelCard:
-    return cards.get_model("fake")
+    return resolver.get_model("fake")
 
 
 def test_every_command_argument_and_option_has_help(app: typer.Typer) -> None:

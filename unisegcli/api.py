@@ -28,7 +28,8 @@ from unisegcli.io.cases import LoadedCase, read_case, task_channels
 from unisegcli.io.discovery import CaseInput, discover
 from unisegcli.io.nifti import check_output_dir
 from unisegcli.io.sharding import parse_shard, select_shard
-from unisegcli.models.cards import ModelCard, TaskCard, get_model
+from unisegcli.weights.cards import ModelCard, TaskCard
+from unisegcli.weights.resolver import get_model
 from unisegcli.models.families import resolve_tasks
 from unisegcli.outputs import markers
 from unisegcli.outputs.writer import OutputOptions
@@ -332,8 +333,8 @@ def load_network(
     has shown the model's license; the download bar is shown unless ``events.quiet``. Only
     the files the family needs for ``tasks`` are fetched (all of them by default).
     """
-    from unisegcli.models import cache
-    from unisegcli.models.download import ensure_model, offline_from_env
+    from unisegcli.weights import cache
+    from unisegcli.weights.download import ensure_model, offline_from_env
     from unisegcli.models.families import family_module, needed_roles
 
     events = events or Events()

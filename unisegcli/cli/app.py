@@ -108,7 +108,7 @@ def tasks_command(model: ModelOption = "uniseg") -> None:
     """List the tasks of a model: name, aliases, modality, input channels, output structures."""
     from rich.table import Table
 
-    from unisegcli.models.cards import get_model
+    from unisegcli.weights.resolver import get_model
     from unisegcli.models.families import task_table
 
     card = get_model(model)
@@ -126,7 +126,7 @@ def models_command() -> None:
     """List the models in the registry with their version, tasks, license and notes."""
     from rich.table import Table
 
-    from unisegcli.models.cards import load_registry
+    from unisegcli.weights.cards import load_registry
 
     table = Table(title="Models")
     for col in ("model", "family", "version", "tasks", "license", "note"):
@@ -135,7 +135,7 @@ def models_command() -> None:
         table.add_row(
             card.name, card.family, card.version, str(len(card.tasks)), card.license, card.note or ""
         )
-    from unisegcli.models.imported import imported_card, read_imported
+    from unisegcli.weights.imported import imported_card, read_imported
 
     for name in sorted(read_imported()):  # `uniseg weights import nnunet PATH --name NAME`
         card = imported_card(name)

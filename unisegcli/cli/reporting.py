@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from unisegcli.io.discovery import CaseInput
-    from unisegcli.models.cards import ModelCard, TaskCard
+    from unisegcli.weights.cards import ModelCard, TaskCard
 
 
 def _rate_column() -> Any:

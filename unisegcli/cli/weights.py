@@ -1,6 +1,6 @@
 """`uniseg weights ...`: list, download, verify, import, locate and remove model weights.
 
-A thin shell over `unisegcli.models.cache` and `unisegcli.models.download`. Errors are raised
+A thin shell over `unisegcli.weights.cache` and `unisegcli.weights.download`. Errors are raised
 as domain exceptions (UnisegError); the main app maps them to exit codes and messages.
 Tables go to stdout; progress, license lines and notes go to stderr.
 """
@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from unisegcli.errors import ChecksumError, WeightsError
-from unisegcli.models import cards
+from unisegcli.weights import cards, resolver
 
 weights_app = typer.Typer(
     name="weights",
@@ -32,7 +32,7 @@ def _models() -> dict[str, cards.ModelCard]:
 
 
 def _card(name: str) -> cards.ModelCard:
-    return cards.get_model(name)
+    return resolver.get_model(name)
 
 
 def _stderr(quiet: bool = False):  # -> rich Console
@@ -48,7 +48,7 @@ def _stdout():
 
 
 def _model_dir(card: cards.ModelCard) -> Path:
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     return cache.model_dir(card)
 
@@ -66,7 +66,7 @@ def _human(size_bytes: int | None) -> str:
 
 def _status(card: cards.ModelCard, check: bool) -> tuple[str, str, int | None]:
     """(installed, verified, size_bytes) of a model as shown by `list`."""
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     present = len(card.files) - len(cache.missing_files(card))
     installed = "yes" if present == len(card.files) else ("no" if present == 0 else
@@ -120,7 +120,7 @@ def download(
     quiet: QuietOpt = False,
 ) -> None:
     """Download the files of one or more models into the cache (resumes partial downloads)."""
-    from unisegcli.models.download import UnverifiedFileWarning, ensure_model
+    from unisegcli.weights.download import UnverifiedFileWarning, ensure_model
 
     selected = [_card(n) for n in names]  # fail on a typo before downloading anything
     console, loud = _stderr(quiet), _stderr()
@@ -150,7 +150,7 @@ def verify(
     """Hash the cached files and compare them with the registry (or the manifest's record)."""
     from rich.table import Table
 
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     if name is not None:
         selected = [_card(name)]
@@ -198,7 +198,7 @@ def import_(
 
     `uniseg weights import nnunet PATH --name NAME` imports an nnU-Net v2 results folder.
     """
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     if name == "nnunet" or as_name is not None:
         if name != "nnunet" or not as_name:
@@ -238,7 +238,7 @@ def remove(
     quiet: QuietOpt = False,
 ) -> None:
     """Delete a model's cached files (and partial downloads) from the cache."""
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     card = _card(name)
     directory = _model_dir(card)
@@ -261,7 +261,7 @@ def convert(
     quiet: QuietOpt = False,
 ) -> None:
     """Convert a UniSeg v1 checkpoint to safetensors + JSON config (no pickle needed to load it)."""
-    from unisegcli.models.checkpoint import convert_checkpoint
+    from unisegcli.models.uniseg.convert import convert_checkpoint
 
     weights = convert_checkpoint(checkpoint, plans, out_dir)
     _stderr(quiet).print(f"wrote {weights} and {weights.with_name('config.json')}")
@@ -285,7 +285,7 @@ def prepare(
             f"model '{card.name}' (family {card.family}) has nothing to prepare; expected a SAT model "
             "such as sat-nano. Its weights are used as downloaded."
         )
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     if not offline and cache.missing_files(card):
         _stderr(quiet).print(f"downloading model '{card.name}' {card.version} (first use) · license: "

@@ -13,7 +13,7 @@ from unisegcli.io.nifti import Scan, read_scan
 
 if TYPE_CHECKING:
     from unisegcli.io.dicom import DicomSource
-    from unisegcli.models.cards import TaskCard
+    from unisegcli.weights.cards import TaskCard
 
 
 @dataclass

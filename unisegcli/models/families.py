@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from unisegcli.errors import UsageError
 
 if TYPE_CHECKING:
-    from unisegcli.models.cards import ModelCard, TaskCard
+    from unisegcli.weights.cards import ModelCard, TaskCard
 
 FAMILY_MODULES = {
     "uniseg": "unisegcli.models.uniseg.family",

@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -172,6 +172,27 @@ def check_inputs_spared(folder: Path, names: Sequence[str], inputs: Sequence[Pat
             )
 
 
+def _dicom_dataset(output_type: str, masks: Mapping[str, np.ndarray], scan: Scan,
+                   source: "DicomSource | None", colors: Mapping[str, tuple[int, int, int]]) -> Any:
+    """The DICOM SEG / RTSTRUCT dataset of the masks, or None for NIfTI outputs."""
+    if output_type == "dicom-seg":
+        from unisegcli.outputs.dicom_out import dicom_seg_dataset
+
+        return dicom_seg_dataset(masks, scan, source, colors=colors)  # type: ignore[arg-type]
+    if output_type == "rtstruct":
+        from unisegcli.outputs.dicom_out import rtstruct_dataset
+
+        return rtstruct_dataset(masks, scan, source, colors=colors)  # type: ignore[arg-type]
+    return None
+
+
+def _volumes_ml(masks: Mapping[str, np.ndarray], statistics: Mapping[str, Any] | None,
+                voxel_ml: float) -> dict[str, float]:
+    if statistics is not None:
+        return {n: float(statistics["structures"][n]["volume_ml"]) for n in masks}
+    return {n: float(np.count_nonzero(m)) * voxel_ml for n, m in masks.items()}
+
+
 def write_case_outputs(
     scan: Scan,
     masks_zyx: Mapping[str, np.ndarray],
@@ -223,15 +244,7 @@ def write_case_outputs(
     from unisegcli.outputs.preview import render_preview, structure_colors
 
     colors = structure_colors(list(masks))
-    dicom_dataset = None
-    if options.output_type == "dicom-seg":
-        from unisegcli.outputs.dicom_out import dicom_seg_dataset
-
-        dicom_dataset = dicom_seg_dataset(masks, scan, dicom_source, colors=colors)  # type: ignore[arg-type]
-    elif options.output_type == "rtstruct":
-        from unisegcli.outputs.dicom_out import rtstruct_dataset
-
-        dicom_dataset = rtstruct_dataset(masks, scan, dicom_source, colors=colors)  # type: ignore[arg-type]
+    dicom_dataset = _dicom_dataset(options.output_type, masks, scan, dicom_source, colors)
     preview = render_preview(scan.data, masks, scan.spacing_mm, modality=modality) if options.preview else None
     multilabel = None
     if "multilabel" in names:
@@ -265,14 +278,10 @@ def write_case_outputs(
     def path(role: str) -> Path | None:
         return folder / names[role] if role in names else None
 
-    if statistics is not None:
-        volumes = {n: float(statistics["structures"][n]["volume_ml"]) for n in masks}
-    else:
-        volumes = {n: float(np.count_nonzero(m)) * voxel_ml for n, m in masks.items()}
     outputs = CaseOutputs(
         folder=folder,
         masks={n: folder / names[f"mask:{n}"] for n in masks if f"mask:{n}" in names},
-        volumes_ml=volumes,
+        volumes_ml=_volumes_ml(masks, statistics, voxel_ml),
         statistics_json=path("statistics_json"),
         statistics_csv=path("statistics_csv"),
         preview=path("preview"),

@@ -22,7 +22,7 @@ from unisegcli.preprocessing.trace import Box3, CropStep, NormalizeStep, Resampl
 if TYPE_CHECKING:
     import torch
 
-    from unisegcli.models.cards import TaskCard
+    from unisegcli.weights.cards import TaskCard
 
 IMAGE_ORDER = 3  # cubic spline in-plane (nnU-Net resampling_fn_data_kwargs order)
 IMAGE_ORDER_Z = 0  # nearest along a separate anisotropic axis (order_z)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from unisegcli.models.cards import TaskCard
+from unisegcli.weights.cards import TaskCard
 
 AIR_FAT_HU = -200.0  # a CT in HU has air (-1000) or fat (-100 .. -50) somewhere below this
 MAX_PLAUSIBLE_HU = 4000.0  # dense metal reaches ~3000 HU; beyond this the data is not in HU

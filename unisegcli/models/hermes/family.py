@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from unisegcli.api import RunSettings
     from unisegcli.io.cases import LoadedCase
-    from unisegcli.models.cards import ModelCard, TaskCard
+    from unisegcli.weights.cards import ModelCard, TaskCard
 
 NULL_TOKEN = -1  # upstream appends one null token; -1 selects the task prior's last row
 THRESHOLD = 0.5  # upstream: sigmoid >= 0.5 per channel

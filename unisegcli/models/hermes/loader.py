@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from unisegcli.errors import CheckpointError
-from unisegcli.models.checkpoint import CONFIG_NAME, check_state_dict, load_state_dict, load_torch_file
+from unisegcli.weights.checkpoint import CONFIG_NAME, check_state_dict, load_state_dict, load_torch_file
 from unisegcli.models.hermes.config import HermesConfig
 from unisegcli.models.hermes.network import HermesUNet
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from unisegcli.api import RunSettings
     from unisegcli.io.cases import LoadedCase
-    from unisegcli.models.cards import ModelCard, TaskCard
+    from unisegcli.weights.cards import ModelCard, TaskCard
     from unisegcli.models.nnunet.folder import ResultsFolder
     from unisegcli.models.nnunet.network import Fold
 
@@ -59,7 +59,7 @@ def modality_of(channel_names: Sequence[str]) -> str:
 
 def cards_from_folder(folder: "ResultsFolder", *, name: str, source: str) -> "ModelCard":
     """A model card for a results folder: one task per structure."""
-    from unisegcli.models.cards import ModelCard, TaskCard
+    from unisegcli.weights.cards import ModelCard, TaskCard
 
     channels = tuple(structure_name(c) for c in folder.channel_names)
     spacing = tuple(float(s) for s in folder.configuration["spacing"])

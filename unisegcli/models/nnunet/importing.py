@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 
 from unisegcli.errors import WeightsError
-from unisegcli.models import imported
+from unisegcli.weights import imported
 from unisegcli.models.nnunet.folder import extract_zip, read_results_folder
 
 
 def import_folder(source: str | Path, name: str) -> Path:
     """Import a results folder or zip as model ``name``; returns the cached results folder."""
-    from unisegcli.models.cache import cache_root
+    from unisegcli.weights.cache import cache_root
     from unisegcli.models.nnunet.family import SPEC_PREFIX
     from unisegcli.models.nnunet.network import load_fold
 

@@ -112,7 +112,7 @@ class Fold:
 
 def load_fold(folder: "ResultsFolder", fold: str) -> Fold:
     """Build the network and load fold ``fold`` of ``folder`` (CPU, eval mode)."""
-    from unisegcli.models.checkpoint import check_state_dict, load_torch_file
+    from unisegcli.weights.checkpoint import check_state_dict, load_torch_file
 
     path = folder.folds[fold]
     checkpoint = load_torch_file(path)

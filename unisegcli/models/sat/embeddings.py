@@ -24,7 +24,7 @@ from unisegcli.models.sat.vocabulary import all_terms
 if TYPE_CHECKING:
     import torch
 
-    from unisegcli.models.cards import ModelCard
+    from unisegcli.weights.cards import ModelCard
     from unisegcli.models.sat.loader import SatModel
 
 TABLE_NAME = "text_embeddings.safetensors"
@@ -111,14 +111,14 @@ def load_table(path: Path, expected_source: Mapping[str, Any] | None = None) -> 
 
 
 def table_path(card: "ModelCard") -> Path:
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     return cache.model_dir(card) / TABLE_NAME
 
 
 def encoder_source(card: "ModelCard") -> dict[str, Any] | None:
     """What identifies the cached text encoder (name, size, sha256 if recorded); None if absent."""
-    from unisegcli.models import cache
+    from unisegcli.weights import cache
 
     file = card.file("text_encoder")
     if file is None:

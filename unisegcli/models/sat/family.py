@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from unisegcli.api import RunSettings
     from unisegcli.io.cases import LoadedCase
-    from unisegcli.models.cards import ModelCard, TaskCard
+    from unisegcli.weights.cards import ModelCard, TaskCard
 
 DEFAULT_WINDOW = (288, 288, 96)
 DEFAULT_MAX_QUERIES = 256  # SAT's max_queries: prompts per decoder group
@@ -47,7 +47,7 @@ def file_name(prompt: str) -> str:
 
 def resolve_tasks(card: "ModelCard", names: str | Sequence[str]) -> tuple["TaskCard", ...]:
     """One task card per distinct prompt, in the order given."""
-    from unisegcli.models.cards import TaskCard
+    from unisegcli.weights.cards import TaskCard
 
     items = names.split(",") if isinstance(names, str) else list(names)
     items = [n.strip() for n in items if n.strip()]
@@ -242,8 +242,8 @@ def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, sett
 def prepare(card: "ModelCard", *, offline: bool = False, quiet: bool = False, progress: Any = None) -> Path:
     """`uniseg weights prepare`: embed the whole vocabulary once with the paired text encoder
     and cache the table next to the model's files (see ``embeddings``). Returns its path."""
-    from unisegcli.models import cache
-    from unisegcli.models.download import ensure_model
+    from unisegcli.weights import cache
+    from unisegcli.weights.download import ensure_model
     from unisegcli.models.sat.embeddings import compute_table, encoder_source, save_table, table_path
     from unisegcli.models.sat.loader import SatModel, load_text_encoder
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from unisegcli.errors import CheckpointError
-from unisegcli.models.checkpoint import check_state_dict, load_torch_file
+from unisegcli.weights.checkpoint import check_state_dict, load_torch_file
 from unisegcli.models.sat.config import SatConfig, TextConfig
 from unisegcli.models.sat.network import SatSegmenter
 from unisegcli.models.sat.text import SatTextEncoder, load_tokenizer, tokenize

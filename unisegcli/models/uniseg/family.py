@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from unisegcli.api import RunSettings
-    from unisegcli.models.cards import ModelCard, TaskCard
+    from unisegcli.weights.cards import ModelCard, TaskCard
 
 
 FULL_SIZE_FEATURES = 32  # the released network's first-stage width
@@ -54,7 +54,7 @@ def predict(
     warn: Any = None,
 ) -> dict[str, np.ndarray]:
     """{task name: uint8 [Z, Y, X] label map} for one case, one predictor pass per channel group."""
-    from unisegcli.inference.predictor import network_patch_size, predict_case
+    from unisegcli.models.uniseg.predictor import network_patch_size, predict_case
 
     prefer_channels_last(net, device)
     groups = channel_groups(tasks)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from unisegcli.errors import CheckpointError
-from unisegcli.models.checkpoint import (
+from unisegcli.weights.checkpoint import (
     CONFIG_NAME,
     check_state_dict,
     load_state_dict,

@@ -7,7 +7,7 @@ is written to ``<final>.part`` (kept for resuming with an HTTP Range request), h
 only then renamed atomically to its final name, so no partial file is ever visible there.
 
 Environment:
-    UNISEG_HOME     cache root (see `unisegcli.models.cache`).
+    UNISEG_HOME     cache root (see `unisegcli.weights.cache`).
     UNISEG_OFFLINE  "1"/"true"/"yes": never open a socket; a missing file raises OfflineError.
     UNISEG_MIRROR   base URL of a mirror; every file then comes from
                     ``<base>/<model name>/<model version>/<file name>`` (for example
@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Callable, Collection
 from urllib.parse import parse_qs, quote, urlencode, urljoin, urlparse
 
 from unisegcli.errors import ChecksumError, DownloadError
-from unisegcli.models import cache
-from unisegcli.models.cards import FileCard, ModelCard
+from unisegcli.weights import cache
+from unisegcli.weights.cards import FileCard, ModelCard
+from unisegcli.io.hashing import sha256_file
 
 if TYPE_CHECKING:
     import requests
@@ -320,7 +321,7 @@ def fetch_file(
         if size == 0:
             part.unlink()
             raise DownloadError(f"{current} answered an empty body where '{label}' was expected.")
-        sha = cache.sha256_file(part)
+        sha = sha256_file(part)
         if expected_size_bytes is not None and size != expected_size_bytes:
             part.unlink(missing_ok=True)
             raise ChecksumError(f"{current} gave {size} bytes, expected {expected_size_bytes} "

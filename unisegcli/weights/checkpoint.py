@@ -7,14 +7,13 @@ scalars/arrays that nnU-Net v1 stores next to the weights (plot data, best-epoch
 allowed by name, only those the file actually uses, and there is no unrestricted fallback.
 Plans (``plans.pkl``, ``<checkpoint>.pkl``) go through ``safe_pickle``.
 
-``convert_checkpoint`` writes ``model.safetensors`` + ``config.json`` for fast, pickle-free
+``models.uniseg.convert`` writes ``model.safetensors`` + ``config.json`` for fast, pickle-free
 loading later. Every failure is a ``CheckpointError`` (``UnsafePickleError`` for refused
 globals) whose one-line message names the file and says what to do.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -25,9 +24,7 @@ import torch
 from torch import Tensor
 
 from unisegcli.errors import CheckpointError, UnsafePickleError
-from unisegcli.io.atomic import staged_files
-from unisegcli.io.nifti import check_output_dir
-from unisegcli.models import safe_pickle
+from unisegcli.weights import safe_pickle
 
 SAFETENSORS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -227,51 +224,3 @@ def read_plans(path: str | Path) -> dict[str, Any]:
             "or the checkpoint's .model.pkl"
         )
     return dict(data)
-
-
-# -- conversion ------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def convert_checkpoint(
-    checkpoint: str | Path, plans: str | Path | None, out_dir: str | Path
-) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` for a UniSeg checkpoint.
-
-    checkpoint: nnU-Net v1 ``.model`` (or a state dict / ``.safetensors``); plans: its
-    ``plans.pkl`` (None: ``<checkpoint>.pkl`` beside it). The weights are checked against the
-    network the plans describe before anything is written; the config is ``UniSegConfig.
-    to_dict()``. Returns the path of ``model.safetensors``. Loading the result later needs
-    no pickle at all.
-    """
-    from safetensors.torch import save_file
-
-    from unisegcli.models.uniseg.loader import resolve_config
-    from unisegcli.models.uniseg.network import UniSegNet
-
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    config = resolve_config(checkpoint, plans)
-    state = load_state_dict(checkpoint)
-    with torch.device("meta"):
-        expected = UniSegNet(config).state_dict()
-    check_state_dict(state, expected, checkpoint.name)
-    tensors = {k: state[k].detach().contiguous() for k in expected}
-    metadata = {
-        "format": "pt",
-        "family": "uniseg",
-        "source_name": checkpoint.name,
-        "source_sha256": _sha256(checkpoint),
-    }
-    check_output_dir(out_dir)
-    # Both files appear together or not at all (staged under temp names, then renamed).
-    with staged_files(out_dir) as stage:
-        save_file(tensors, str(stage(SAFETENSORS_NAME)), metadata=metadata)
-        stage(CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return out_dir / SAFETENSORS_NAME

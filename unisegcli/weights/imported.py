@@ -5,7 +5,7 @@
     {"models": {"myliver": {"spec": "nnunet:/home/me/.local/share/uniseg/nnunet/myliver/...",
                             "source": "/downloads/liver.zip", "time": "2026-11-25T23:40:00Z"}}}
 
-``cards.get_model(NAME)`` falls back to this file when NAME is not in the registry; the card
+``resolver.get_model(NAME)`` falls back to this file when NAME is not in the registry; the card
 is the family's ``card_from_spec(spec)`` renamed to NAME.
 """
 
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 from unisegcli.errors import UsageError, WeightsError
 
 if TYPE_CHECKING:
-    from unisegcli.models.cards import ModelCard
+    from unisegcli.weights.cards import ModelCard
 
 IMPORTED_NAME = "imported_models.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def imported_path() -> Path:
-    from unisegcli.models.cache import cache_root
+    from unisegcli.weights.cache import cache_root
 
     return cache_root() / IMPORTED_NAME
 
@@ -51,7 +51,7 @@ def read_imported() -> dict[str, dict[str, Any]]:
 
 def check_name(name: str) -> None:
     """A new imported model's name: a plain identifier that no registry model uses."""
-    from unisegcli.models.cards import load_registry
+    from unisegcli.weights.cards import load_registry
 
     if not NAME_PATTERN.match(name or ""):
         raise UsageError(f"--name {name!r} is not a usable model name; expected letters, digits, '.', '_' "

@@ -27,7 +27,7 @@ from unisegcli.preprocessing.resample import compute_new_shape
 if TYPE_CHECKING:
     import torch
 
-    from unisegcli.models.cards import TaskCard
+    from unisegcli.weights.cards import TaskCard
 
 
 def network_patch_size(net: Any, patch_size: Sequence[int] | None = None) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from unisegcli.errors import UnknownModelError, UnknownTaskError, UsageError, suggest
+from unisegcli.errors import UnknownTaskError, UsageError, suggest
 
 REGISTRY_PATH = Path(__file__).resolve().parent.parent / "weights_registry.json"
 REGISTRY_ENV = "UNISEG_REGISTRY"  # a site's own registry file replaces the shipped one
@@ -244,27 +244,3 @@ def _load_registry(path: Path) -> dict[str, ModelCard]:
     except (OSError, json.JSONDecodeError) as exc:
         raise RegistryError(f"registry: cannot read {path}: {exc}") from exc
     return parse_registry(data)
-
-
-def get_model(name: str, path: Path | None = None) -> ModelCard:
-    """The card of model ``name``; an unknown name raises with a did-you-mean suggestion.
-
-    ``<family>:<argument>`` names (e.g. ``nnunet:<results folder>``) are built by that family.
-    """
-    from unisegcli.models.families import card_from_spec
-
-    built = card_from_spec(name)
-    if built is not None:
-        return built
-    models = load_registry(path)
-    if name not in models:
-        from unisegcli.models.imported import imported_card  # `uniseg weights import nnunet ... --name`
-
-        imported = imported_card(name)
-        if imported is not None:
-            return imported
-        raise UnknownModelError(
-            f"unknown model '{name}'{suggest(name, models)} Known models: "
-            f"{', '.join(sorted(models))}. Run `uniseg models` to list them."
-        )
-    return models[name]

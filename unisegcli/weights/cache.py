@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import IO, Collection, Iterator
 
 from unisegcli.errors import ChecksumError, OfflineError, WeightsError
-from unisegcli.models.cards import FileCard, ModelCard
+from unisegcli.weights.cards import FileCard, ModelCard
 from unisegcli.io.archive import checked_members
-from unisegcli.models.safe_pickle import looks_like_html
+from unisegcli.io.hashing import sha256_file
+from unisegcli.weights.safe_pickle import looks_like_html
 
 MANIFEST_NAME = "manifest.json"
 CHUNK_BYTES = 1 << 20
@@ -85,15 +86,6 @@ def fix_hint(card: ModelCard) -> str:
         f"Run `uniseg weights download {card.name}`, or download the files elsewhere and run "
         f"`uniseg weights import {card.name} PATH` (PATH: a file, a folder or a .zip)."
     )
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- manifest ---------------------------------------------------------------------------------
