@@ -319,7 +319,7 @@ def test_auto_batch_size_on_cuda_fits_free_memory() -> None:
     from unisegcli.inference.engine import MAX_AUTO_BATCH, batch_size_for
 
     net = TwoStage().cuda()
-    batch = batch_size_for(net, PATCH, 1, [Head(0, 3)], torch.device("cuda"), "fp16")
+    batch = batch_size_for(net, PATCH, 1, [Head(0, 3)], torch.device("cuda"), precision="fp16")
     assert 1 <= batch <= MAX_AUTO_BATCH
     # accumulators on the host (the out-of-memory fallback) blend the same numbers
     vol = torch.randn(1, 20, 36, 40, device="cuda")

@@ -62,7 +62,7 @@ def run_batch(segmenter: "Segmenter", request: BatchRequest) -> Result:
     out_root = check_output_dir(Path(request.output))
     result = Result(model=segmenter.card, tasks=tuple(segmenter.tasks), device=str(segmenter.device),
                     output=out_root)
-    todo, blocked = _plan(segmenter, request, cases, all_cases, out_root, single, result)
+    todo, blocked = _plan(segmenter, request, cases, all_cases=all_cases, single=single, result=result)
     first: LoadedCase | None = None
     if todo and single:  # read (and check the channels of) a single case before the weights load
         first = read_case(todo[0].case, request.series_uid)
@@ -83,8 +83,8 @@ def run_batch(segmenter: "Segmenter", request: BatchRequest) -> Result:
     return result
 
 
-def _plan(segmenter: "Segmenter", request: BatchRequest, cases: Sequence[CaseInput],
-          all_cases: Sequence[CaseInput], out_root: Path, single: bool,
+def _plan(segmenter: "Segmenter", request: BatchRequest, cases: Sequence[CaseInput], *,
+          all_cases: Sequence[CaseInput], single: bool,
           result: Result) -> tuple[list[Planned], list[tuple[CaseInput, UnisegError]]]:
     """Cases to run, and cases that cannot run (an output would replace an input, an input
     vanished); skips cases an earlier run finished. A single case raises instead."""
@@ -98,7 +98,7 @@ def _plan(segmenter: "Segmenter", request: BatchRequest, cases: Sequence[CaseInp
     todo: list[Planned] = []
     blocked: list[tuple[CaseInput, UnisegError]] = []
     for case in cases:
-        folder = out_root if single else out_root / case.case_id
+        folder = result.output if single else result.output / case.case_id
         try:
             check_inputs_spared(folder, names, every_input)
             record = _marker_record(card.name, card.version, [t.name for t in segmenter.tasks], options, case)

@@ -177,7 +177,8 @@ def predict_windows(
         )
         with ctx:
             for h, (head, out) in enumerate(zip(heads, _forward(net, inp, heads))):
-                _accumulate(sums, h, head, out, x.shape[0], patch, dims, activation)
+                _check_output(out, x.shape[0], patch)
+                _accumulate(sums, h, head, out, dims=dims, activation=activation)
                 del out  # before the next head is decoded
     if len(flips) > 1:
         for s in sums:
@@ -185,12 +186,11 @@ def predict_windows(
     return sums  # type: ignore[return-value]
 
 
-def _accumulate(sums: list[Any], h: int, head: Head, out: "torch.Tensor", batch: int,
-                patch: tuple[int, ...], dims: list[int], activation: str | None) -> None:
+def _accumulate(sums: list[Any], h: int, head: Head, out: "torch.Tensor", *, dims: list[int],
+                activation: str | None) -> None:
     """Add one head's (flipped) output, activated and cut to its channels, to ``sums[h]``."""
     import torch
 
-    _check_output(out, batch, patch)
     if head.channels is not None and out.shape[1] < head.channels:
         raise ValueError(f"the network returned {out.shape[1]} channels; task needs {head.channels}")
     out = out.float()
@@ -222,6 +222,7 @@ def batch_size_for(
     in_channels: int,
     heads: Sequence[Head],
     device: "torch.device",
+    *,
     precision: str = "auto",
     requested: int | None = None,
 ) -> int:
@@ -346,7 +347,8 @@ def sliding_window(
     heads = list(heads) if heads is not None else [Head(None, None)]
     device = volume.device
     store = torch.device(accumulator_device) if accumulator_device is not None else device
-    batch_size = batch_size_for(net, patch, volume.shape[0], heads, device, precision, batch_size)
+    batch_size = batch_size_for(net, patch, volume.shape[0], heads, device, precision=precision,
+                                requested=batch_size)
     autocast = autocast_dtype(precision, device)
     acc_dtype = torch.float16 if accumulation == "fp16" else torch.float32
     flips = mirror_combinations(mirror_axes) if tta else [()]

@@ -174,7 +174,7 @@ def _batch_size(net: Any, tokens: Sequence[int], modality: int, window: Sequence
     from unisegcli.models.hermes.inference import TokenBoundNet
 
     return batch_size_for(TokenBoundNet(net, tokens, modality), window, 1, [Head(None, None)], device,
-                          settings.precision, settings.batch_size)
+                          precision=settings.precision, requested=settings.batch_size)
 
 
 class HermesFamily(ModelFamily):
