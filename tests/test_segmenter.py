@@ -44,8 +44,8 @@ def test_predict_in_memory_equals_the_cli_files_and_loads_once(tmp_path: Path, d
     from unisegcli.models.uniseg.family import FAMILY
 
     loads = []
-    real_load = type(FAMILY).load
-    monkeypatch.setattr(type(FAMILY), "load", lambda self, *a, **k: loads.append(1) or real_load(self, *a, **k))
+    real_load = FAMILY.load
+    monkeypatch.setattr(FAMILY, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     image = nib.load(str(demo_scan))
     with Segmenter(DEMO, "liver,spleen") as seg:
         from_image = seg.predict(image)

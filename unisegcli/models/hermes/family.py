@@ -45,8 +45,7 @@ def load(card: "ModelCard", files: Mapping[str, Path], *, settings: RunSettings 
     from unisegcli.models.hermes import load_hermes
 
     if settings is not None:
-        for task in tasks:  # a wrong --modality fails before the weights are read
-            modality_id(task, settings)
+        check(card, tasks, settings)
     net = load_hermes(files["checkpoint"])
     net.window_zyx = window_of(card)  # type: ignore[assignment]
     return net
@@ -102,6 +101,12 @@ def modality_id(task: "TaskCard", settings: RunSettings) -> int:
             )
         return int(ids[chosen])
     return int(task.extra["modality_id"])
+
+
+def check(card: "ModelCard", tasks: Sequence["TaskCard"], settings: RunSettings) -> None:
+    """A wrong --modality fails before the weights are read."""
+    for task in tasks:
+        modality_id(task, settings)
 
 
 def dataset_groups(tasks: Sequence["TaskCard"]) -> list[list["TaskCard"]]:
@@ -188,23 +193,11 @@ class HermesFamily(ModelFamily):
     )
     engine_options = frozenset({"tta", "batch_size", "precision"})
 
-    def load(self, card: "ModelCard", files: Mapping[str, Path], *, settings: RunSettings,
-             tasks: Sequence["TaskCard"]) -> Any:
-        return load(card, files, settings=settings, tasks=tasks)
-
-    def predict(self, loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
-                device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
-        return predict(loaded, tasks, net, settings=settings, device=device, progress=progress, warn=warn)
-
-    def resolve_tasks(self, card: "ModelCard", names: str | Sequence[str]) -> tuple["TaskCard", ...]:
-        return resolve_tasks(card, names)
-
-    def task_table(self, card: "ModelCard") -> tuple[list[str], list[list[str]]]:
-        return task_table(card)
-
-    def check(self, card: "ModelCard", tasks: Sequence["TaskCard"], settings: RunSettings) -> None:
-        for task in tasks:  # a wrong --modality fails before the weights are read
-            modality_id(task, settings)
+    load = staticmethod(load)  # type: ignore[assignment]
+    predict = staticmethod(predict)  # type: ignore[assignment]
+    resolve_tasks = staticmethod(resolve_tasks)  # type: ignore[assignment]
+    task_table = staticmethod(task_table)  # type: ignore[assignment]
+    check = staticmethod(check)  # type: ignore[assignment]
 
 
 FAMILY = HermesFamily()

@@ -274,22 +274,11 @@ class NnunetFamily(ModelFamily):
         FamilyOption("gaussian", bool, True, "Gaussian weighting of overlapping windows (nnU-Net's default)."),
     )
 
-    def load(self, card: "ModelCard", files: Mapping[str, Path], *, settings: RunSettings,
-             tasks: Sequence["TaskCard"]) -> Any:
-        return load(card, files, settings=settings, tasks=tasks)
-
-    def predict(self, loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
-                device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
-        return predict(loaded, tasks, net, settings=settings, device=device, progress=progress, warn=warn)
-
-    def task_table(self, card: "ModelCard") -> tuple[list[str], list[list[str]]]:
-        return task_table(card)
-
-    def needed_roles(self, card: "ModelCard", tasks: Sequence["TaskCard"]) -> set[str]:
-        return needed_roles(card, tasks)
-
-    def card_from_spec(self, spec: str) -> "ModelCard":
-        return card_from_spec(spec)
+    load = staticmethod(load)  # type: ignore[assignment]
+    predict = staticmethod(predict)  # type: ignore[assignment]
+    task_table = staticmethod(task_table)  # type: ignore[assignment]
+    needed_roles = staticmethod(needed_roles)  # type: ignore[assignment]
+    card_from_spec = staticmethod(card_from_spec)  # type: ignore[assignment]
 
 
 FAMILY = NnunetFamily()

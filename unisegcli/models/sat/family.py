@@ -277,27 +277,13 @@ class SatFamily(ModelFamily):
         FamilyOption("gaussian", bool, True, "Gaussian weighting of overlapping windows (SAT's default)."),
     )
 
-    def load(self, card: "ModelCard", files: Mapping[str, Path], *, settings: RunSettings,
-             tasks: Sequence["TaskCard"]) -> Any:
-        return load(card, files, settings=settings, tasks=tasks)
-
-    def predict(self, loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
-                device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
-        return predict(loaded, tasks, net, settings=settings, device=device, progress=progress, warn=warn)
-
-    def resolve_tasks(self, card: "ModelCard", names: str | Sequence[str]) -> tuple["TaskCard", ...]:
-        return resolve_tasks(card, names)
-
-    def task_table(self, card: "ModelCard") -> tuple[list[str], list[list[str]]]:
-        return task_table(card)
-
-    def needed_roles(self, card: "ModelCard", tasks: Sequence["TaskCard"]) -> set[str]:
-        return needed_roles(card, tasks)
-
-    def check(self, card: "ModelCard", tasks: Sequence["TaskCard"], settings: RunSettings) -> None:
-        check(card, tasks, settings)
-
-    prepare = staticmethod(prepare)
+    load = staticmethod(load)  # type: ignore[assignment]
+    predict = staticmethod(predict)  # type: ignore[assignment]
+    resolve_tasks = staticmethod(resolve_tasks)  # type: ignore[assignment]
+    task_table = staticmethod(task_table)  # type: ignore[assignment]
+    needed_roles = staticmethod(needed_roles)  # type: ignore[assignment]
+    check = staticmethod(check)  # type: ignore[assignment]
+    prepare = staticmethod(prepare)  # type: ignore[assignment]
 
 
 FAMILY = SatFamily()

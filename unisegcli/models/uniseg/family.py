@@ -84,13 +84,8 @@ class UniSegFamily(ModelFamily):
 
     name = "uniseg"
 
-    def load(self, card: "ModelCard", files: Mapping[str, Path], *, settings: RunSettings,
-             tasks: Sequence["TaskCard"]) -> Any:
-        return load(card, files, settings=settings, tasks=tasks)
-
-    def predict(self, loaded: LoadedCase, tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
-                device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
-        return predict(loaded, tasks, net, settings=settings, device=device, progress=progress, warn=warn)
+    load = staticmethod(load)  # type: ignore[assignment]
+    predict = staticmethod(predict)  # type: ignore[assignment]
 
 
 FAMILY = UniSegFamily()
