@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
+from unisegcli.casework import Planned, one_case, record_failure
 from unisegcli.errors import InputNotFoundError, UnisegError
 from unisegcli.io.cases import LoadedCase, read_case, task_channels
 from unisegcli.io.discovery import CaseInput, discover
 from unisegcli.io.nifti import check_output_dir
 from unisegcli.io.sharding import parse_shard, select_shard
 from unisegcli.outputs import markers
-from unisegcli.results import CaseFailure, CaseResult, Result
+from unisegcli.results import Result
 
 if TYPE_CHECKING:
     from unisegcli.session import Segmenter
+    from unisegcli.workers import WorkerSpec
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,7 @@ class BatchRequest:
     shard: str | None = None
     overwrite: bool = False
     stdin: TextIO | None = None
-
-
-@dataclass
-class Planned:
-    """A case to run: its output folder and the done-marker record it will write."""
-
-    case: CaseInput
-    folder: Path
-    record: dict[str, Any]
+    workers: tuple["WorkerSpec", ...] = ()
 
 
 def run_batch(segmenter: "Segmenter", request: BatchRequest) -> Result:
@@ -68,13 +62,20 @@ def run_batch(segmenter: "Segmenter", request: BatchRequest) -> Result:
         first = read_case(todo[0].case, request.series_uid)
         for task in segmenter.tasks:
             task_channels(first, task)
-    if todo:
+    parallel = bool(request.workers) and len(todo) > 1
+    if todo and not parallel:
         segmenter.load()
-    events.run_started(segmenter.card, segmenter.tasks, cases, str(segmenter.device))
+    device = ", ".join(w.device for w in request.workers) if parallel else str(segmenter.device)
+    events.run_started(segmenter.card, segmenter.tasks, cases, device)
     for case, exc in blocked:
-        _record_failure(result, events, out_root, case, exc)
+        record_failure(result, events, case, exc)
     try:
-        _run_cases(segmenter, todo, first, request.series_uid, None if single else out_root, result)
+        if parallel:
+            from unisegcli.workers import WorkerPool
+
+            WorkerPool(segmenter, request.workers, request.series_uid, out_root, result).run(todo)
+        else:
+            _run_cases(segmenter, todo, first, request.series_uid, None if single else out_root, result)
     except KeyboardInterrupt:
         result.interrupted = True
         events.run_finished(result)
@@ -145,39 +146,12 @@ def _run_cases(segmenter: "Segmenter", todo: Sequence[Planned], first: LoadedCas
             events.case_started(planned.case, number, len(todo))
             started = time.perf_counter()
             try:
-                case_result = _one_case(segmenter, current.result(), planned, cohort_folder)
+                case_result = one_case(segmenter, current.result(), planned, cohort_folder)
             except UnisegError as exc:
                 if cohort_folder is None:
                     raise
-                _record_failure(result, events, result.output, planned.case, exc)
+                record_failure(result, events, planned.case, exc)
                 continue
             case_result.seconds = time.perf_counter() - started
             result.cases.append(case_result)
             events.case_done(case_result)
-
-
-def _one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
-              cohort_folder: Path | None) -> CaseResult:
-    """Predict and write one case (all-or-nothing), then mark it done."""
-    started = time.perf_counter()
-    markers.clear_marker(planned.folder)
-    segmentation = segmenter.segment_case(loaded)
-    written = segmentation.save(planned.folder, cohort_folder=cohort_folder)
-    markers.write_marker(planned.folder, planned.record, written.files)
-    return CaseResult(
-        case_id=loaded.case.case_id,
-        input_path=loaded.case.path,
-        output_dir=planned.folder,
-        masks=dict(written.masks),
-        volumes_ml=dict(written.volumes_ml),
-        seconds=time.perf_counter() - started,
-        files=list(written.files),
-    )
-
-
-def _record_failure(result: Result, events: Any, out_root: Path, case: CaseInput, exc: UnisegError) -> None:
-    failure = CaseFailure(case.case_id, case.path, type(exc).__name__, str(exc), int(exc.exit_code))
-    result.failures.append(failure)
-    markers.log_failure(out_root, {"case_id": case.case_id, "input": str(case.path), "error": failure.error,
-                                   "message": failure.message, "exit_code": failure.exit_code})
-    events.case_failed(failure)

@@ -25,8 +25,8 @@ class Events:
                     device: str) -> None:
         """Before the first case."""
 
-    def case_started(self, case: "CaseInput", number: int, total: int) -> None:
-        """Before a case is predicted."""
+    def case_started(self, case: "CaseInput", number: int, total: int, worker: str | None = None) -> None:
+        """Before a case is predicted (worker: "w1@cuda:1" when worker processes run the batch)."""
 
     def windows(self, done: int, total: int) -> None:
         """Sliding-window progress inside the current case."""

@@ -127,6 +127,7 @@ class CaseResult:
     volumes_ml: dict[str, float]
     seconds: float
     files: list[Path] = field(default_factory=list)  # every file written for the case
+    worker: str | None = None  # "w1@cuda:1" when worker processes ran the batch
 
 
 @dataclass
@@ -138,6 +139,7 @@ class CaseFailure:
     error: str
     message: str
     exit_code: int
+    worker: str | None = None
 
 
 @dataclass

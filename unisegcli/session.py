@@ -20,7 +20,7 @@ way); ``Events.case_retry`` reports each retry.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TextIO
 
@@ -36,6 +36,25 @@ if TYPE_CHECKING:
     import torch
 
     from unisegcli.io.cases import LoadedCase
+    from unisegcli.workers import WorkerSpec
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """What builds a Segmenter (picklable: worker processes build their own from it)."""
+
+    model: str
+    tasks: str | tuple[str, ...]
+    engine: EngineOptions
+    options: dict[str, Any]
+    outputs: OutputOptions
+    offline: bool
+
+    def build(self, *, device: str | None = None, threads: int | None = None,
+              events: Events | None = None) -> "Segmenter":
+        engine = self.engine if threads is None else replace(self.engine, threads=threads)
+        return Segmenter(self.model, self.tasks, device=device, engine=engine, options=self.options,
+                         outputs=self.outputs, offline=self.offline, events=events)
 
 
 class Segmenter:
@@ -62,6 +81,8 @@ class Segmenter:
         if device is not None:
             engine = replace(engine, device=device)
         engine.check()
+        self.config = SessionConfig(model, tasks if isinstance(tasks, str) else tuple(tasks), engine,
+                                    dict(options or {}), outputs or OutputOptions(), offline)
         self.engine = engine
         self.outputs = outputs or OutputOptions()
         self.outputs.check()
@@ -140,14 +161,17 @@ class Segmenter:
 
     def run(self, inputs: Iterable[str | Path] | str | Path, output: str | Path, *,
             input_list: str | Path | None = None, channels: Sequence[str] = (), series_uid: str | None = None,
-            shard: str | None = None, overwrite: bool = False, stdin: TextIO | None = None) -> Result:
+            shard: str | None = None, overwrite: bool = False, stdin: TextIO | None = None,
+            workers: Sequence[WorkerSpec] = ()) -> Result:
         """Segment files into ``output`` (see ``unisegcli.batch``): discovery, resume markers,
-        shards, ``failures.jsonl``, the cohort statistics table and events."""
+        shards, ``failures.jsonl``, the cohort statistics table and events. workers: run the
+        cases in these worker processes (``unisegcli.workers.worker_specs``; one Segmenter
+        each, cases to whichever is free) instead of in this process."""
         from unisegcli.batch import BatchRequest, run_batch
 
         request = BatchRequest([inputs] if isinstance(inputs, (str, Path)) else list(inputs), Path(output),
                                input_list=input_list, channels=tuple(channels), series_uid=series_uid,
-                               shard=shard, overwrite=overwrite, stdin=stdin)
+                               shard=shard, overwrite=overwrite, stdin=stdin, workers=tuple(workers))
         return run_batch(self, request)
 
     def marker_options(self) -> dict[str, Any]:

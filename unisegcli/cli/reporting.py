@@ -40,6 +40,14 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
+def _worker_fields(worker: str | None) -> dict[str, str]:
+    """{"worker": "w1", "device": "cuda:1"} for case events of worker processes, else nothing."""
+    if worker is None:
+        return {}
+    name, _, device = worker.partition("@")
+    return {"worker": name, "device": device}
+
+
 class RunReporter(Events):
     """Drives a rich progress display (cases and windows, with rate and ETA) or JSON events."""
 
@@ -97,9 +105,10 @@ class RunReporter(Events):
         self._cases_task = self._progress.add_task("cases", total=len(cases))
         self._windows_task = self._progress.add_task("windows", total=None)
 
-    def case_started(self, case: "CaseInput", number: int, total: int) -> None:
+    def case_started(self, case: "CaseInput", number: int, total: int, worker: str | None = None) -> None:
         if console.state.json:
-            emit("case_started", case_id=case.case_id, input=str(case.path), number=number, total=total)
+            emit("case_started", case_id=case.case_id, input=str(case.path), number=number, total=total,
+                 **_worker_fields(worker))
         if self._progress is not None:
             self._progress.reset(self._windows_task, total=None, description=f"windows [dim]{case.case_id}[/]")
 
@@ -122,7 +131,7 @@ class RunReporter(Events):
                  outputs={k: str(v) for k, v in result.masks.items()},
                  files=[str(p) for p in result.files],
                  volumes_ml={k: round(v, 3) for k, v in result.volumes_ml.items()},
-                 seconds=round(result.seconds, 3))
+                 seconds=round(result.seconds, 3), **_worker_fields(result.worker))
         if self._progress is not None:
             self._progress.advance(self._cases_task)
             if console.state.verbose:
@@ -137,7 +146,7 @@ class RunReporter(Events):
     def case_failed(self, failure: CaseFailure) -> None:
         if console.state.json:
             emit("case_failed", case_id=failure.case_id, input=str(failure.input_path), error=failure.error,
-                 message=failure.message, exit_code=failure.exit_code)
+                 message=failure.message, exit_code=failure.exit_code, **_worker_fields(failure.worker))
         if self._progress is not None:
             self._progress.advance(self._cases_task)
         if not console.state.json:

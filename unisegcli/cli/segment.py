@@ -109,6 +109,13 @@ def segment_command(
     shard: Annotated[Optional[str], typer.Option(
         "--shard", help="Process shard I/N (1-based) of the sorted cases; default from SLURM_ARRAY_TASK_* "
         "when set.", rich_help_panel=BATCH)] = None,
+    devices: Annotated[Optional[str], typer.Option(
+        "--devices", help="Run the cases in one worker process per device, e.g. cuda:0,cuda:1, or all (every "
+        "visible GPU); each case goes to whichever worker is free.", rich_help_panel=BATCH,
+        show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, help="Run the cases in N CPU worker processes (the cores are split between them, "
+        "or --threads each).", rich_help_panel=BATCH, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Redo cases already marked done by an earlier run (default: skip them).",
         rich_help_panel=BATCH)] = False,
@@ -151,12 +158,15 @@ def segment_command(
                            tta=tta, precision=precision, threads=threads)
     family_options = {"modality": modality, "folds": _parse_folds(folds), "nnunet_exact": nnunet_exact or None,
                       "gaussian": gaussian}
+    from unisegcli.workers import worker_specs
+
+    specs = worker_specs(devices, workers, threads)
     reporter = RunReporter()
     try:
         with Segmenter(model, tasks, engine=engine, options=family_options, outputs=outputs, offline=offline,
                        events=reporter) as segmenter:
             result = segmenter.run(inputs or [], output, input_list=input_list, channels=channel or (),
-                                   series_uid=series, shard=shard, overwrite=overwrite)
+                                   series_uid=series, shard=shard, overwrite=overwrite, workers=specs)
     except KeyboardInterrupt:
         # Stopped between cases or mid-case: finished cases keep their outputs and markers,
         # the current one left nothing. Show what was done; the app exits with 130.
