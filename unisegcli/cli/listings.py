@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table (for scripts).")]
 TsvOption = Annotated[bool, typer.Option(
     "--tsv", help="Print tab-separated values with a header line instead of a table (for scripts).")]
-_WHOLE_HEADERS = ("task", "prompt")  # one name per cell: never wrapped
-_NAME_HEADERS = ("aliases", "structure", "model", "license")  # names (lists of): wrapped between names only
+_WHOLE_HEADERS = ("task", "prompt", "model")  # one name per cell: never wrapped
+_NAME_HEADERS = ("aliases", "structure", "license")  # names (lists of): wrapped between names only
 _FREE_TEXT_MIN = 10  # free-text columns may fold long words down to this width
 # Columns left out first when the terminal is too narrow (by column key); a column holding
 # the names to type (task, prompt) is never left out.
@@ -133,7 +133,7 @@ def fit_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
     hidden = [columns[i] for i in range(len(columns)) if i not in shown]
     if hidden:
         out.print(f"(not shown at {out.width} columns: {', '.join(hidden)}; widen the terminal or "
-                  "use --json / --tsv)", highlight=False, markup=False, soft_wrap=True)
+                  "use --json / --tsv)", highlight=False, markup=False)
 
 
 ModelOption = Annotated[
