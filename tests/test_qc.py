@@ -176,3 +176,20 @@ def test_segmentation_run_writes_the_cohort_qc_table(tmp_path: Path, threshold_n
     assert edge["touches_edge"] == "right"  # file i = 0 of an LPS file is the patient's right
     stats = json.loads((out / "case0" / "statistics.json").read_text())
     assert stats["flagged"]["liver"] == ["touches_edge"]
+
+
+def test_write_case_outputs_returns_the_flags_and_merges_qc(tmp_path: Path) -> None:
+    """CaseOutputs.flagged (for the case_done event) is the statistics' "flagged" summary."""
+    from unisegcli.outputs.writer import OutputOptions, write_case_outputs
+
+    scan = _scan(tmp_path)
+    edge = np.ascontiguousarray(scan.reorientation.to_internal(_box(scan.file_shape, slice(0, 4), slice(2, 6), slice(2, 6))))
+    outputs = write_case_outputs(scan, {"organ": edge, "tumor": np.zeros_like(edge)}, tmp_path / "cohort" / "case",
+                                 OutputOptions(), task_of={"organ": "organ", "tumor": "organ"},
+                                 cohort_folder=tmp_path / "cohort")
+    assert outputs.flagged == {"organ": ["touches_edge"], "tumor": ["empty"]}
+    assert outputs.cohort_qc == tmp_path / "cohort" / "qc.csv"
+    assert len(list(csv.DictReader(outputs.cohort_qc.open(newline="")))) == 2
+    none = write_case_outputs(scan, {"organ": edge}, tmp_path / "solo", OutputOptions(statistics=False),
+                              task_of={"organ": "organ"})
+    assert none.flagged == {} and none.cohort_qc is None

@@ -87,6 +87,7 @@ class CaseOutputs:
     cohort_statistics: Path | None = None
     cohort_qc: Path | None = None
     files: list[Path] = field(default_factory=list)
+    flagged: dict[str, list[str]] = field(default_factory=dict)  # structure -> QC flags raised
 
 
 def _key(name: str) -> str:
@@ -292,6 +293,7 @@ def write_case_outputs(
         labels_json=path("labels_json"),
         dicom=path("dicom"),
         files=[folder / n for n in names.values()],
+        flagged=dict(statistics["flagged"]) if statistics is not None else {},
     )
     if statistics is not None and cohort_folder is not None and Path(cohort_folder).resolve() != folder.resolve():
         from unisegcli.outputs.statistics import merge_cohort_qc, merge_cohort_statistics
