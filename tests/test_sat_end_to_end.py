@@ -124,7 +124,7 @@ def test_masks_land_on_the_structure(tiny_sat, tmp_path, monkeypatch, single_thr
 
 
 def test_cached_embeddings_equal_live_tower(tiny_sat, single_thread):
-    from unisegcli.api import load_network
+    from unisegcli.session import Segmenter
     from unisegcli.weights.resolver import get_model
     from unisegcli.models.families import needed_roles, resolve_tasks
     from unisegcli.models.sat import family
@@ -133,16 +133,16 @@ def test_cached_embeddings_equal_live_tower(tiny_sat, single_thread):
     card = get_model(tiny_sat)
     tasks = resolve_tasks(card, "liver,right kidney,brain tumor")
     assert "text_encoder" in needed_roles(card, tasks)  # nothing prepared yet
-    live = load_network(card, tasks=tasks)
+    live = Segmenter(tiny_sat, "liver,right kidney,brain tumor").load()
     live_q = family.queries_for(live, tasks[:2], "ct", card.name)
 
-    path = family.prepare(card, quiet=True)
+    path = family.prepare(card)
     dim = live.text.config.hidden
     assert path == table_path(card) and path.stat().st_size < 498 * dim * 4 + 40_000
     table = cached_table(card)
     assert table is not None and len(table.terms) == 498
     assert "text_encoder" not in needed_roles(card, tasks)
-    cached = load_network(card, tasks=tasks)
+    cached = Segmenter(tiny_sat, "liver,right kidney,brain tumor").load()
     assert cached.text is None  # no text tower, no tokenizer
     cached_q = family.queries_for(cached, tasks[:2], "ct", card.name)
     torch.testing.assert_close(cached_q, live_q, atol=1e-5, rtol=0)
