@@ -94,7 +94,9 @@ def test_models_and_tasks_commands_show_hermes(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0
-    assert "hermes" in result.stdout and "not specified by the authors" in result.stdout
+    assert "hermes" in result.stdout and "unspecified" in result.stdout  # short license id
+    result = CliRunner().invoke(app, ["models", "hermes"])  # the full license text and note
+    assert "not specified by the authors" in result.stdout
     assert "published Dice table" in result.stdout
     result = CliRunner().invoke(app, ["tasks", "--model", "hermes"])
     assert result.exit_code == 0

@@ -152,6 +152,8 @@ def test_files_are_strict_json_and_csv_agrees_with_json(tmp_path: Path) -> None:
         for column, value in expected.items():
             if value is None:
                 assert row[column] == "", column
+            elif isinstance(value, bool):
+                assert row[column] == ("true" if value else "false"), column
             elif isinstance(value, (int, float)):
                 assert float(row[column]) == value, column  # same float, full precision
             else:

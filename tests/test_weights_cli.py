@@ -91,7 +91,11 @@ def test_list_shows_models_and_install_state(app, runner: CliRunner) -> None:
     result = runner.invoke(app, ["weights", "list"])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.stdout.splitlines() if "fake" in line)
-    assert "0.1" in row and "no" in row and "Test license XYZ" in row
+    assert "0.1" in row and "no" in row and "custom" in row  # short license id; full text in --json
+    listed = json.loads(runner.invoke(app, ["weights", "list", "--json"]).stdout)
+    fake = next(r for r in listed if r["model"] == "fake")
+    assert fake["license"].startswith("Test license XYZ") and fake["license_id"] == "custom"
+    assert fake["installed"] == "no" and fake["version"] == "0.1"
     runner.invoke(app, ["weights", "download", "fake", "--quiet"])
     listing = runner.invoke(app, ["weights", "list"]).stdout
     row = next(line for line in listing.splitlines() if "fake" in line)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
@@ -98,53 +98,6 @@ def _root() -> None:
     console.reset()
 
 
-ModelOption = Annotated[
-    str, typer.Option("--model", "-m", help="Model name from the registry (see `uniseg models`).")
-]
-
-
-@app.command("tasks")
-def tasks_command(model: ModelOption = "uniseg") -> None:
-    """List the tasks of a model: name, aliases, modality, input channels, output structures."""
-    from rich.table import Table
-
-    from unisegcli.weights.resolver import get_model
-    from unisegcli.models.families import task_table
-
-    card = get_model(model)
-    columns, rows = task_table(card)
-    table = Table(title=f"Tasks of model '{card.name}' ({card.version})")
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row)
-    console.stdout().print(table)
-
-
-@app.command("models")
-def models_command() -> None:
-    """List the models in the registry with their version, tasks, license and notes."""
-    from rich.table import Table
-
-    from unisegcli.weights.cards import load_registry
-
-    table = Table(title="Models")
-    for col in ("model", "family", "version", "tasks", "license", "note"):
-        table.add_column(col, overflow="fold")
-    for card in load_registry().values():
-        table.add_row(
-            card.name, card.family, card.version, str(len(card.tasks)), card.license, card.note or ""
-        )
-    from unisegcli.weights.imported import imported_card, read_imported
-
-    for name in sorted(read_imported()):  # `uniseg weights import nnunet PATH --name NAME`
-        card = imported_card(name)
-        if card is not None:
-            table.add_row(card.name, card.family, card.version, str(len(card.tasks)), card.license,
-                          f"imported from {card.source}")
-    console.stdout().print(table)
-
-
 @app.command("version")
 def version_command() -> None:
     """Print the versions of uniseg, Python, torch and the device torch sees."""
@@ -161,9 +114,12 @@ def version_command() -> None:
 def _register_subcommands() -> None:
     from unisegcli.cli.segment import segment_command
 
+    from unisegcli.cli import listings, stats
     from unisegcli.cli.weights import weights_app
 
     app.command("segment")(segment_command)
+    listings.register(app)
+    stats.register(app)
     app.add_typer(weights_app, name="weights", help="Download, import, verify and locate model weights.")
 
 

@@ -98,17 +98,29 @@ def list_models(
     check: Annotated[bool, typer.Option(
         "--check", help="Hash the installed files now (slow for large files) instead of "
                         "reporting what was checked when they entered the cache.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table (for scripts).")] = False,
+    as_tsv: Annotated[bool, typer.Option(
+        "--tsv", help="Print tab-separated values with a header line instead of a table (for scripts).")] = False,
 ) -> None:
     """List the models of the registry with their size, install and verification state."""
-    from rich.table import Table
+    from unisegcli.cli.listings import check_format, fit_table, license_id, print_json, print_tsv
 
-    table = Table(title="Model weights")
-    for column in ("model", "version", "size", "installed", "verified", "license"):
-        table.add_column(column, overflow="fold")
+    check_format(as_json, as_tsv)
+    records = []
     for name, card in sorted(_models().items()):
         installed, verified, size_bytes = _status(card, check)
-        table.add_row(name, card.version, _human(size_bytes), installed, verified, card.license)
-    _stdout().print(table)
+        records.append({"model": name, "version": card.version, "size_bytes": size_bytes, "installed": installed,
+                        "verified": verified, "license_id": license_id(card), "license": card.license})
+    if as_json:
+        print_json(records)
+    elif as_tsv:
+        keys = ["model", "version", "size_bytes", "installed", "verified", "license_id"]
+        print_tsv(keys, [[r[k] for k in keys] for r in records])
+    else:
+        rows = [[r["model"], r["version"], _human(r["size_bytes"]), r["installed"], r["verified"], r["license_id"]]
+                for r in records]
+        fit_table("Model weights", ["model", "version", "size", "installed", "verified", "license"], rows, _stdout(),
+                  caption="`uniseg models NAME`: the full license text")
 
 
 @weights_app.command("download")

@@ -14,11 +14,15 @@ Coordinate conventions (also written into ``statistics.json`` under "conventions
   the population standard deviation (ddof = 0); percentiles use numpy's linear method.
 - An empty structure has voxel_count 0, volume_ml 0.0, components 0 and null
   (JSON) / empty (CSV) positions and intensities — never NaN.
+- Each structure has a "qc" object of flags (``outputs.qc``: empty, touches_edge,
+  volume_outside_range, fragmented, laterality) and the case a "flagged" summary
+  (structure -> raised flag names); the CSV has them as ``qc_*`` columns and ``flags``.
 
 ``statistics.json`` and ``statistics.csv`` hold the same numbers (the CSV is the JSON
 flattened, one row per structure, floats written with full precision). A cohort table
 ``OUT/statistics.csv`` (one row per case × structure) is merged under a file lock so several
-processes can write into one output folder.
+processes can write into one output folder; ``OUT/qc.csv`` beside it lists the flagged
+structures of every case (``merge_cohort_qc``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 
 from unisegcli.errors import OutputError
 from unisegcli.io.atomic import staged_files
+from unisegcli.outputs.qc import FRAGMENT_MAX_PIECES, QC_CONVENTIONS, add_case_flags, counting_pieces, edge_faces
 from unisegcli.postprocessing.components import component_sizes
 
 if TYPE_CHECKING:
@@ -47,12 +52,18 @@ CONVENTIONS = {
     "bbox_world_mm": "world-axis-aligned box around the corner voxel centres of bbox_ijk",
     "intensity": "original image values inside the mask per channel; std with ddof=0; linear percentiles",
     "connectivity": "26-connected components",
+    "qc": QC_CONVENTIONS,
 }
 _BASE_COLUMNS = (
     "case_id", "structure", "task", "voxel_count", "volume_ml", "components", "largest_component_ml",
     "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
     "bbox_i_min", "bbox_j_min", "bbox_k_min", "bbox_i_max", "bbox_j_max", "bbox_k_max",
     "bbox_x_min_mm", "bbox_y_min_mm", "bbox_z_min_mm", "bbox_x_max_mm", "bbox_y_max_mm", "bbox_z_max_mm",
+    "qc_empty", "qc_touches_edge", "qc_volume_outside_range", "qc_fragmented", "qc_laterality", "flags",
+)  # fmt: skip
+QC_COLUMNS = (
+    "case_id", "structure", "task", "flags", "volume_ml", "reference_min_ml", "reference_max_ml",
+    "touches_edge", "components", "centroid_x_mm", "reference_source",
 )  # fmt: skip
 
 
@@ -88,7 +99,7 @@ def structure_statistics(
         return {
             "voxel_count": 0, "volume_ml": 0.0, "components": 0, "largest_component_ml": 0.0,
             "centroid_world_mm": None, "bbox_ijk": None, "bbox_world_mm": None,
-            "intensity": empty_intensity,
+            "intensity": empty_intensity, "qc": {"empty": True, "touches_edge": [], "fragmented": False},
         }  # fmt: skip
     lo = np.array([p[0] for p in profiles])
     hi = np.array([p[-1] for p in profiles])
@@ -123,6 +134,11 @@ def structure_statistics(
             "max": [float(v) for v in world_corners.max(axis=1)],
         },
         "intensity": intensity,
+        "qc": {
+            "empty": False,
+            "touches_edge": edge_faces(lo.tolist(), hi.tolist(), mask.shape),
+            "fragmented": counting_pieces(sizes) > FRAGMENT_MAX_PIECES,
+        },
     }
 
 
@@ -143,12 +159,14 @@ def case_statistics(
     case_id: str | None = None,
     task_of: Mapping[str, str] | None = None,
     channel_names: Sequence[str] | None = None,
+    reference_ranges: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Statistics of every structure of a case, as the ``statistics.json`` document.
 
     masks_zyx: structure -> bool [Z, Y, X] in the scan's internal orientation (the masks as
     written, after cleanup). channel_names: one name per channel of ``scan.data`` [C, Z, Y, X]
-    (default "image" / "channel0"..).
+    (default "image" / "channel0"..). reference_ranges: structure -> {"min", "max", "source"}
+    volume ranges in ml for the ``volume_outside_range`` flag (default: the registry's).
     """
     channels = tuple(channel_names) if channel_names else default_channel_names(scan.data.shape[0])
     if len(channels) != scan.data.shape[0]:
@@ -163,7 +181,7 @@ def case_statistics(
         record = {"task": task_of.get(name)}
         record.update(structure_statistics(mask, scan.data, affine, file_from_internal, channels))
         structures[name] = record
-    return {
+    statistics = {
         "schema_version": SCHEMA_VERSION,
         "case_id": case_id if case_id is not None else scan.case_id,
         "conventions": CONVENTIONS,
@@ -172,6 +190,8 @@ def case_statistics(
         "channels": list(channels),
         "structures": structures,
     }
+    centre = affine @ np.append((np.asarray(scan.data.shape[1:], dtype=float) - 1.0) / 2.0, 1.0)
+    return add_case_flags(statistics, float(centre[0]), reference_ranges)
 
 
 def flatten_rows(statistics: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -190,6 +210,10 @@ def flatten_rows(statistics: Mapping[str, Any]) -> list[dict[str, Any]]:
             row.update({f"bbox_{a}_{end}": v for a, v in zip("ijk", ijk)})
             xyz = rec["bbox_world_mm"][end] if rec["bbox_world_mm"] else [None] * 3
             row.update({f"bbox_{a}_{end}_mm": v for a, v in zip("xyz", xyz)})
+        qc = rec["qc"]
+        row.update({f"qc_{flag}": qc.get(flag) for flag in ("empty", "volume_outside_range", "fragmented", "laterality")})
+        row["qc_touches_edge"] = ";".join(qc["touches_edge"])
+        row["flags"] = ";".join(statistics.get("flagged", {}).get(name, []))
         for channel, values in rec["intensity"].items():
             row.update({f"intensity_{channel}_{key}": values[key] for key in INTENSITY_KEYS})
         rows.append(row)
@@ -204,6 +228,8 @@ def csv_columns(channels: Iterable[str]) -> list[str]:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)  # shortest text that reads back as the same float (JSON does the same)
     return str(value)
@@ -251,42 +277,73 @@ def merge_cohort_statistics(
     finished first. A file lock next to the table serialises concurrent writers; the table is
     replaced atomically, so readers never see half a file.
     """
+    rows = flatten_rows(statistics)
+    return _merge_case_rows(Path(cohort_csv), str(statistics["case_id"]), rows,
+                            csv_columns(statistics["channels"]), "statistics", lock_timeout_s)
+
+
+def qc_rows(statistics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per flagged structure of a case (``QC_COLUMNS``); none when nothing is flagged."""
+    rows = []
+    for name, raised in statistics.get("flagged", {}).items():
+        rec = statistics["structures"][name]
+        reference = rec["qc"].get("reference_volume_ml") or {}
+        centroid = rec["centroid_world_mm"] or [None]
+        rows.append({
+            "case_id": statistics["case_id"], "structure": name, "task": rec["task"], "flags": ";".join(raised),
+            "volume_ml": rec["volume_ml"], "reference_min_ml": reference.get("min"),
+            "reference_max_ml": reference.get("max"), "touches_edge": ";".join(rec["qc"]["touches_edge"]),
+            "components": rec["components"], "centroid_x_mm": centroid[0],
+            "reference_source": reference.get("source"),
+        })  # fmt: skip
+    return rows
+
+
+def merge_cohort_qc(folder: Path, statistics: Mapping[str, Any], *, lock_timeout_s: float = 600.0) -> Path:
+    """Put one case's flagged structures into ``folder/qc.csv`` (one row per case × flagged
+    structure); the case's earlier rows are replaced, so a re-run case that is no longer
+    flagged disappears. The table exists (header only) once any case was merged. Same
+    locking and atomic replacement as ``merge_cohort_statistics``."""
+    return _merge_case_rows(Path(folder) / "qc.csv", str(statistics["case_id"]), qc_rows(statistics),
+                            list(QC_COLUMNS), "qc", lock_timeout_s)
+
+
+def _merge_case_rows(table: Path, case_id: str, rows: Sequence[Mapping[str, Any]],
+                     new_columns: Sequence[str], kind: str, lock_timeout_s: float) -> Path:
+    """Replace ``case_id``'s rows of a cohort CSV by ``rows``, under a file lock, atomically."""
     from filelock import FileLock, Timeout
 
-    cohort_csv = Path(cohort_csv)
-    case_id = str(statistics["case_id"])
-    new_rows = [{k: _cell(v) for k, v in row.items()} for row in flatten_rows(statistics)]
-    new_columns = csv_columns(statistics["channels"])
-    lock = FileLock(str(cohort_csv.parent / f".{cohort_csv.name}.lock"), timeout=lock_timeout_s)
+    new_rows = [{k: _cell(v) for k, v in row.items()} for row in rows]
+    lock = FileLock(str(table.parent / f".{table.name}.lock"), timeout=lock_timeout_s)
     try:
         with lock:
             columns: list[str] = []
             kept: list[dict[str, str]] = []
-            if cohort_csv.exists():
-                with cohort_csv.open(newline="", encoding="utf-8") as fh:
+            if table.exists():
+                with table.open(newline="", encoding="utf-8") as fh:
                     reader = csv.DictReader(fh)
                     columns = list(reader.fieldnames or [])
                     if "case_id" not in columns or "structure" not in columns:
                         raise OutputError(
-                            f"'{cohort_csv}' exists but is not a uniseg statistics table (no "
+                            f"'{table}' exists but is not a uniseg {kind} table (no "
                             "case_id/structure columns); expected to merge into one. Move it away "
                             "or choose another -o folder."
                         )
                     kept = [row for row in reader if row.get("case_id") != case_id]
             columns += [c for c in new_columns if c not in columns]
-            rows = sorted(kept + new_rows, key=lambda r: r.get("case_id") or "")
-            text = _csv_text(columns, rows)
-            with staged_files(cohort_csv.parent) as stage:
-                stage(cohort_csv.name).write_text(text, encoding="utf-8")
+            merged = sorted(kept + new_rows, key=lambda r: r.get("case_id") or "")
+            text = _csv_text(columns, merged)
+            with staged_files(table.parent) as stage:
+                stage(table.name).write_text(text, encoding="utf-8")
     except Timeout as exc:
         raise OutputError(
-            f"cannot lock '{cohort_csv}' within {lock_timeout_s:.0f} s (another uniseg process "
-            "holds it); expected to merge this case's statistics. Retry, or remove a stale "
-            f"'.{cohort_csv.name}.lock' if no other run is active."
+            f"cannot lock '{table}' within {lock_timeout_s:.0f} s (another uniseg process "
+            f"holds it); expected to merge this case's {kind} rows. Retry, or remove a stale "
+            f"'.{table.name}.lock' if no other run is active."
         ) from exc
     except OSError as exc:
         raise OutputError(
-            f"cannot update '{cohort_csv}': {exc.strerror or exc}; expected a writable output "
+            f"cannot update '{table}': {exc.strerror or exc}; expected a writable output "
             "folder. Fix permissions or free disk space."
         ) from exc
-    return cohort_csv
+    return table

@@ -9,7 +9,8 @@ Order of work: ``--structures`` picks masks (unknown names fail with a suggestio
 computed on the cleaned masks — the numbers describe the files written — and then every
 file of the case (masks or the DICOM object, segmentation + labels, statistics, preview) is
 staged and renamed in one block: all files of a case appear together or none does. The
-cohort table ``<cohort_folder>/statistics.csv`` is merged afterwards, under its file lock.
+cohort tables ``<cohort_folder>/statistics.csv`` and ``<cohort_folder>/qc.csv`` (flagged
+structures, see ``outputs.qc``) are merged afterwards, under their file locks.
 
 Files in ``folder``:
     <structure>.nii.gz           output_type "nifti": uint8 0/1, the input's exact geometry
@@ -84,7 +85,9 @@ class CaseOutputs:
     labels_json: Path | None = None
     dicom: Path | None = None
     cohort_statistics: Path | None = None
+    cohort_qc: Path | None = None
     files: list[Path] = field(default_factory=list)
+    flagged: dict[str, list[str]] = field(default_factory=dict)  # structure -> QC flags raised
 
 
 def _key(name: str) -> str:
@@ -234,7 +237,8 @@ def write_case_outputs(
     channel_names: names of scan.data's channels for the statistics (e.g. the task card's
     channels). modality: "CT"/"MR"/"PET" for the preview window (guessed when None).
     cohort_folder: if given (and not ``folder`` itself), the case's statistics rows are
-    merged into ``cohort_folder/statistics.csv``. selected: ``masks_zyx`` already went through
+    merged into ``cohort_folder/statistics.csv`` and its flagged structures into
+    ``cohort_folder/qc.csv``. selected: ``masks_zyx`` already went through
     ``select_and_clean``. statistics: their ``case_statistics`` when already computed.
     """
     import nibabel as nib
@@ -309,9 +313,11 @@ def write_case_outputs(
         labels_json=path("labels_json"),
         dicom=path("dicom"),
         files=[folder / n for n in names.values()],
+        flagged=dict(statistics["flagged"]) if statistics is not None else {},
     )
     if statistics is not None and cohort_folder is not None and Path(cohort_folder).resolve() != folder.resolve():
-        from unisegcli.outputs.statistics import merge_cohort_statistics
+        from unisegcli.outputs.statistics import merge_cohort_qc, merge_cohort_statistics
 
         outputs.cohort_statistics = merge_cohort_statistics(Path(cohort_folder) / "statistics.csv", statistics)
+        outputs.cohort_qc = merge_cohort_qc(Path(cohort_folder), statistics)
     return outputs

@@ -88,6 +88,7 @@ class ModelCard:
     network: Mapping[str, Any] | None = None
     source: str | None = None
     packaged: bool = False  # files ship inside the package (unisegcli/data/models/...)
+    license_id: str | None = None  # short identifier ("Apache-2.0", "unspecified") for tables
 
     def file(self, role: str) -> FileCard | None:
         """The first file with this role ("checkpoint", "plans", ...), or None."""
@@ -223,6 +224,7 @@ def parse_registry(data: Mapping[str, Any]) -> dict[str, ModelCard]:
             network=entry.get("network"),
             source=entry.get("source"),
             packaged=bool(entry.get("packaged", False)),
+            license_id=entry.get("license_id"),
         )
     return models
 
