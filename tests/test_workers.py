@@ -83,7 +83,7 @@ def test_two_workers_write_the_same_files_as_one_process(tmp_path: Path, thresho
     assert {e["worker"] for e in done} <= {"w0", "w1"} and all(e["device"] == "cpu" for e in done)
     assert events[0]["event"] == "run_started" and events[-1]["event"] == "run_finished"
     a, b = outputs_of(tmp_path / "serial"), outputs_of(tmp_path / "par")
-    assert a.keys() == b.keys() and len(a) == 6 * 4 + 1  # 2 masks + 2 statistics files per case, cohort table
+    assert a.keys() == b.keys() and len(a) == 6 * 4 + 2  # 2 masks + 2 statistics files per case, cohort tables
     for key in a:
         if isinstance(a[key], np.ndarray):
             np.testing.assert_array_equal(a[key], b[key])

@@ -43,6 +43,7 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
         volumes_ml=dict(written.volumes_ml),
         seconds=time.perf_counter() - started,
         files=list(written.files),
+        flags={k: list(v) for k, v in (written.flagged or {}).items()},
     )
 
 

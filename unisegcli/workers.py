@@ -110,7 +110,7 @@ def worker_main(config: "SessionConfig", spec: WorkerSpec, inbox: Any, results: 
                 series_uid: str | None, cohort_folder: Path | None) -> None:
     """A worker process: build the Segmenter once, then segment each case sent to ``inbox``
     until it receives None. Reports every step to ``results``."""
-    from unisegcli import casework
+    import unisegcli.casework as casework
     from unisegcli.io.cases import read_case
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
