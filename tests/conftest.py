@@ -109,10 +109,10 @@ class ThresholdNet:
 @pytest.fixture
 def threshold_net(monkeypatch) -> ThresholdNet:
     """Make every run use a ThresholdNet instead of loading weights."""
-    import unisegcli.api
+    import unisegcli.session
 
     net = ThresholdNet()
-    monkeypatch.setattr(unisegcli.api, "load_network", lambda card, **kwargs: net)
+    monkeypatch.setattr(unisegcli.session, "load_network", lambda segmenter: net)
     return net
 
 

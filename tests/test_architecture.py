@@ -96,8 +96,20 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_nothing_below_the_top_imports_the_cli_or_the_session() -> None:
     graph = import_graph()
-    top = ("unisegcli.cli", "unisegcli.session", "unisegcli.api")
+    top = ("unisegcli.cli", "unisegcli.session", "unisegcli.api", "unisegcli.batch")
     for name, deps in graph.items():
         if name.startswith(top) or name in ("unisegcli", "unisegcli.__main__"):
             continue
         assert not [d for d in deps if d.startswith(top)], f"{name} imports {deps}"
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                    body = body[1:]
+                length = (node.end_lineno - body[0].lineno + 1) if body else 0  # type: ignore[operator]
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
+    assert long == []

@@ -287,12 +287,12 @@ def test_sigint_during_a_batch_stops_cleanly(tmp_path: Path) -> None:
     (hook / "sitecustomize.py").write_text(
         "import sys, time\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import unisegcli.api, conftest\n"
+        "import unisegcli.session, conftest\n"
         "class Slow(conftest.ThresholdNet):\n"
         "    def decode(self, f, t):\n"
         "        time.sleep(0.4)\n"
         "        return super().decode(f, t)\n"
-        "unisegcli.api.load_network = lambda card, **kwargs: Slow()\n"
+        "unisegcli.session.load_network = lambda segmenter: Slow()\n"
     )
     out = tmp_path / "out"
     proc = subprocess.Popen(

@@ -245,7 +245,7 @@ def test_read_only_cache_works_for_inference(source: Path, request) -> None:
     files = cache.import_model(card, source)
     attempts: list[str] = request.getfixturevalue("no_writes")
     assert cache.find_model_files(card) == files
-    assert ensure_model(card, quiet=True) == files  # all present: no lock, no socket, no write
+    assert ensure_model(card) == files  # all present: no lock, no socket, no write
     assert [c.status for c in cache.verify_model(card)] == ["ok", "ok"]
     assert cache.read_manifest(card)["model.bin"]["sha256"] == sha(CKPT)
     assert attempts == []
@@ -259,7 +259,7 @@ def test_read_only_cache_missing_file_says_cache_is_read_only(source: Path, requ
     cache.import_model(card, source / "UniSeg" / "model.bin")  # plans.pkl stays missing
     request.getfixturevalue("no_writes")
     with pytest.raises(WeightsError, match="read-only") as info:
-        ensure_model(card, quiet=True)
+        ensure_model(card)
     assert "UNISEG_HOME" in str(info.value)
 
 
@@ -273,7 +273,7 @@ def test_read_only_cache_with_chmod(source: Path) -> None:
         folder.chmod(0o555)
     try:
         assert cache.find_model_files(card) == files
-        assert ensure_model(card, quiet=True) == files
+        assert ensure_model(card) == files
         assert [c.status for c in cache.verify_model(card)] == ["ok", "ok"]
     finally:
         for folder in folders:

@@ -129,7 +129,7 @@ def test_shipped_weights_load_with_the_official_loader() -> None:
     from unisegcli.models.uniseg import UniSegConfig, UniSegNet, load_uniseg
 
     card = get_model(DEMO)
-    files = ensure_model(card, offline=True, quiet=True)  # packaged: found, never downloaded
+    files = ensure_model(card, offline=True)  # packaged: found, never downloaded
     net = load_uniseg(files["checkpoint"])  # the loader of the released checkpoint
     assert isinstance(net, UniSegNet) and not net.training
     assert net.config == UniSegConfig.from_dict(card.network)

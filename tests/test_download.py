@@ -98,7 +98,7 @@ def test_normal_download_records_manifest_and_reuses_cache(httpserver: HTTPServe
     serve(httpserver, "/files/model.bin", CKPT)
     serve(httpserver, "/files/plans.pkl", PLANS)
 
-    files = ensure_model(card, quiet=True, policy=fast())
+    files = ensure_model(card, policy=fast())
 
     assert files["checkpoint"].read_bytes() == CKPT and files["plans"].read_bytes() == PLANS
     assert files["checkpoint"].parent == cache.cache_root() / "models" / "fake" / "0.1"
@@ -108,7 +108,7 @@ def test_normal_download_records_manifest_and_reuses_cache(httpserver: HTTPServe
     assert record["source"].endswith("/files/model.bin") and record["time"]
     assert not list(files["checkpoint"].parent.glob("*.part"))
     requests_before = len(httpserver.log)
-    assert ensure_model(card, quiet=True, policy=fast()) == files
+    assert ensure_model(card, policy=fast()) == files
     assert len(httpserver.log) == requests_before  # cached: no new request
 
 
@@ -126,7 +126,7 @@ def test_two_503_then_200_retries_and_honours_retry_after(httpserver: HTTPServer
 
     httpserver.expect_request("/files/model.bin").respond_with_handler(handler)
     sleeps: list[float] = []
-    files = ensure_model(card, quiet=True, policy=fast(sleeps))
+    files = ensure_model(card, policy=fast(sleeps))
     assert files["checkpoint"].read_bytes() == CKPT
     assert len(calls) == 3
     assert sleeps == [7.0, 0.02]  # Retry-After seconds, then exponential backoff (2nd attempt)
@@ -146,7 +146,7 @@ def test_connection_dropped_mid_body_resumes_with_range(httpserver: HTTPServer) 
         return ranged(request)
 
     httpserver.expect_request("/files/model.bin").respond_with_handler(handler)
-    files = ensure_model(card, quiet=True, policy=fast())
+    files = ensure_model(card, policy=fast())
 
     assert files["checkpoint"].read_bytes() == CKPT
     assert len(log) == 2 and log[0]["range"] is None
@@ -167,7 +167,7 @@ def test_server_ignoring_range_restarts_from_zero(httpserver: HTTPServer) -> Non
         return Response(CKPT, status=200, content_type="application/octet-stream")  # ignores Range
 
     httpserver.expect_request("/files/model.bin").respond_with_handler(handler)
-    files = ensure_model(card, quiet=True, policy=fast())
+    files = ensure_model(card, policy=fast())
     assert seen_range == ["bytes=100000-"]
     assert files["checkpoint"].read_bytes() == CKPT  # not the prefix + whole file
     assert not (directory / "model.bin.part").exists()
@@ -180,7 +180,7 @@ def test_complete_part_from_an_earlier_run_is_checked_not_fetched(httpserver: HT
     directory = cache.model_dir(card)
     directory.mkdir(parents=True)
     (directory / "model.bin.part").write_bytes(CKPT)  # the earlier run died before its rename
-    files = ensure_model(card, quiet=True, policy=fast())
+    files = ensure_model(card, policy=fast())
     assert files["checkpoint"].read_bytes() == CKPT and httpserver.log == []
 
 
@@ -190,7 +190,7 @@ def test_wrong_sha256_raises_and_leaves_nothing(httpserver: HTTPServer) -> None:
     card = make_card([entry])
     serve(httpserver, "/files/model.bin", CKPT)
     with pytest.raises(ChecksumError, match="sha256"):
-        ensure_model(card, quiet=True, policy=fast())
+        ensure_model(card, policy=fast())
     directory = cache.model_dir(card)
     assert not (directory / "model.bin").exists()
     assert not (directory / "model.bin.part").exists()
@@ -206,7 +206,7 @@ def test_html_instead_of_binary_is_refused(httpserver: HTTPServer, content_type:
     card = make_card([file_entry(httpserver, "model.bin", "checkpoint", CKPT, with_sha=False)])
     httpserver.expect_request("/files/model.bin").respond_with_data(body, content_type=content_type)
     with pytest.raises(DownloadError, match="HTML") as info:
-        ensure_model(card, quiet=True, policy=fast())
+        ensure_model(card, policy=fast())
     assert "uniseg weights import fake" in str(info.value)
     directory = cache.model_dir(card)
     assert not (directory / "model.bin").exists() and not (directory / "model.bin.part").exists()
@@ -230,7 +230,7 @@ def test_google_drive_confirmation_page_is_followed(httpserver: HTTPServer) -> N
     httpserver.expect_request("/download", query_string={"id": "ABC", "export": "download",
                                                          "confirm": "t", "uuid": "1234-uuid"}
                               ).respond_with_data(CKPT, content_type="application/octet-stream")
-    files = ensure_model(card, quiet=True, policy=fast())
+    files = ensure_model(card, policy=fast())
     assert files["checkpoint"].read_bytes() == CKPT
     assert [r.path for r, _ in httpserver.log] == ["/uc", "/download"]
 
@@ -251,7 +251,7 @@ def test_registry_without_sha256_warns_records_and_verify_detects_corruption(
     card = make_card([file_entry(httpserver, "model.bin", "checkpoint", CKPT, with_sha=False)])
     serve(httpserver, "/files/model.bin", CKPT)
     with pytest.warns(UnverifiedFileWarning, match="no sha256") as record:
-        files = ensure_model(card, quiet=True, policy=fast())
+        files = ensure_model(card, policy=fast())
     assert len(record) == 1
     assert cache.read_manifest(card)["model.bin"]["sha256"] == sha(CKPT)
     assert [c.status for c in cache.verify_model(card)] == ["ok"]
@@ -265,16 +265,23 @@ def test_registry_without_sha256_warns_records_and_verify_detects_corruption(
     assert check.expected_sha256 == sha(CKPT)
 
 
-def test_progress_bar_on_console_and_silent_when_quiet(httpserver: HTTPServer, capsys) -> None:
+def test_the_library_reports_download_progress_by_callback_and_never_prints(httpserver: HTTPServer,
+                                                                             capsys) -> None:
     from rich.console import Console
+
+    from unisegcli.cli.console import DownloadBar
 
     card = make_card([file_entry(httpserver, "model.bin", "checkpoint", CKPT)])
     serve(httpserver, "/files/model.bin", CKPT)
-    ensure_model(card, quiet=True, policy=fast())
+    seen: list[tuple[str, int, int | None]] = []
+    ensure_model(card, policy=fast(), progress=lambda *args: seen.append(args))
     assert capsys.readouterr() == ("", "")
+    assert seen and seen[-1] == ("model.bin", len(CKPT), len(CKPT))
+    assert [done for _, done, _ in seen] == sorted(done for _, done, _ in seen)
     cache.remove_model(card)
     stream = io.StringIO()
-    ensure_model(card, console=Console(file=stream, width=120), policy=fast())
+    with DownloadBar(Console(file=stream, width=120)) as bar:  # the CLI's bar
+        ensure_model(card, policy=fast(), progress=bar)
     assert "model.bin" in stream.getvalue() and "307.2 kB" in stream.getvalue()
 
 
@@ -283,7 +290,7 @@ def test_http_404_fails_fast_with_fix(httpserver: HTTPServer) -> None:
     httpserver.expect_request("/files/model.bin").respond_with_data("nope", status=404)
     sleeps: list[float] = []
     with pytest.raises(DownloadError, match="HTTP 404") as info:
-        ensure_model(card, quiet=True, policy=fast(sleeps))
+        ensure_model(card, policy=fast(sleeps))
     assert sleeps == [] and len(httpserver.log) == 1
     assert "uniseg weights import fake PATH" in str(info.value)
 
@@ -293,7 +300,7 @@ def test_retries_exhausted_keeps_part_for_resume(httpserver: HTTPServer) -> None
     httpserver.expect_request("/files/model.bin").respond_with_data("down", status=502)
     sleeps: list[float] = []
     with pytest.raises(DownloadError, match="gave up after 3 attempts"):
-        ensure_model(card, quiet=True, policy=fast(sleeps, attempts=3))
+        ensure_model(card, policy=fast(sleeps, attempts=3))
     assert sleeps == [0.01, 0.02]
 
 
@@ -304,7 +311,7 @@ def test_not_enough_disk_space_is_refused_before_downloading(httpserver: HTTPSer
     card = make_card([entry])
     monkeypatch.setattr(cache, "free_bytes", lambda path: 1000)
     with pytest.raises(DownloadError, match="disk space"):
-        ensure_model(card, quiet=True, policy=fast())
+        ensure_model(card, policy=fast())
     assert httpserver.log == []
 
 
@@ -315,7 +322,7 @@ def test_mirror_env_redirects_every_url(httpserver: HTTPServer, monkeypatch) -> 
     assert file_urls(card, card.files[0]) == [httpserver.url_for("/mirror/fake/0.1/model.bin")]
     httpserver.expect_request("/mirror/fake/0.1/model.bin").respond_with_data(
         CKPT, content_type="application/octet-stream")
-    files = ensure_model(card, quiet=True, policy=fast())
+    files = ensure_model(card, policy=fast())
     assert files["checkpoint"].read_bytes() == CKPT
     assert cache.read_manifest(card)["model.bin"]["source"].endswith("/mirror/fake/0.1/model.bin")
 
@@ -335,7 +342,7 @@ def test_offline_opens_no_socket_and_names_file_and_fix(how: str, monkeypatch) -
     if how == "env":
         monkeypatch.setenv("UNISEG_OFFLINE", "1")
     with pytest.raises(OfflineError) as info:
-        ensure_model(card, offline=(how == "argument"), quiet=True)
+        ensure_model(card, offline=(how == "argument"))
     message = str(info.value)
     assert "model.bin" in message and str(cache.model_dir(card)) in message
     assert "uniseg weights import fake PATH" in message
@@ -348,7 +355,7 @@ def _download_worker(home: str, registry: str, barrier, results) -> None:
     card = parse_registry(json.loads(registry))["fake"]
     barrier.wait()
     try:
-        files = ensure_model(card, quiet=True, policy=RetryPolicy(attempts=2, backoff_s=0.01))
+        files = ensure_model(card, policy=RetryPolicy(attempts=2, backoff_s=0.01))
         results.put(("ok", files["checkpoint"].read_bytes() == CKPT))
     except Exception as exc:  # reported to the parent, which fails the test
         results.put(("error", repr(exc)))

@@ -290,21 +290,44 @@ def test_cuda_autocast_matches_cpu() -> None:
             torch.testing.assert_close(b.cpu(), a, rtol=0, atol=tol)
 
 
-def test_auto_batch_size_is_one_on_cpu() -> None:
-    from unisegcli.inference.engine import auto_batch_size
+def test_batch_size_policy_is_one_on_cpu_and_the_request_wins() -> None:
+    from unisegcli.errors import UsageError
+    from unisegcli.inference.engine import batch_size_for
 
-    assert auto_batch_size(TwoStage(), PATCH, 1, [Head(0, 3)], torch.device("cpu")) == 1
+    assert batch_size_for(TwoStage(), PATCH, 1, [Head(0, 3)], torch.device("cpu")) == 1
+    assert batch_size_for(TwoStage(), PATCH, 1, [Head(0, 3)], torch.device("cpu"), requested=3) == 3
+    with pytest.raises(UsageError, match="at least 1"):
+        batch_size_for(TwoStage(), PATCH, 1, [Head(0, 3)], torch.device("cpu"), requested=0)
+
+
+def test_accumulators_on_another_device_give_the_same_blend(monkeypatch) -> None:
+    """accumulator_device moves every weighted batch to the accumulators' device; here the
+    "other" device is the CPU seen as a distinct torch.device object ("cpu" vs "cpu:0")."""
+    vol = torch.randn(1, 20, 36, 40)
+    net, heads = TwoStage(), [Head(0, 3), Head(2, 2)]
+    same = sliding_window(vol, net, PATCH, heads=heads, batch_size=2)
+    moved = sliding_window(vol, net, PATCH, heads=heads, batch_size=2, accumulator_device="cpu:0")
+    for a, b in zip(same, moved):
+        assert b.device.type == "cpu"
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
 def test_auto_batch_size_on_cuda_fits_free_memory() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from unisegcli.inference.engine import MAX_AUTO_BATCH, auto_batch_size
+    from unisegcli.inference.engine import MAX_AUTO_BATCH, batch_size_for
 
     net = TwoStage().cuda()
-    batch = auto_batch_size(net, PATCH, 1, [Head(0, 3)], torch.device("cuda"), "fp16")
+    batch = batch_size_for(net, PATCH, 1, [Head(0, 3)], torch.device("cuda"), precision="fp16")
     assert 1 <= batch <= MAX_AUTO_BATCH
+    # accumulators on the host (the out-of-memory fallback) blend the same numbers
+    vol = torch.randn(1, 20, 36, 40, device="cuda")
+    on_gpu = sliding_window(vol, net, PATCH, heads=[Head(0, 3)], batch_size=2, precision="fp32")
+    on_host = sliding_window(vol, net, PATCH, heads=[Head(0, 3)], batch_size=2, precision="fp32",
+                             accumulator_device="cpu")
+    assert on_host[0].device.type == "cpu"
+    torch.testing.assert_close(on_host[0], on_gpu[0].cpu(), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- predict_case

@@ -11,14 +11,18 @@ from unisegcli.models import families
 from unisegcli.weights.resolver import get_model
 
 
-def test_uniseg_family_module_has_the_required_hooks():
-    module = families.family_module("uniseg")
-    assert callable(module.load) and callable(module.predict)
+def test_every_registered_family_satisfies_the_contract():
+    for name in families.FAMILY_MODULES:
+        family = families.family(name)
+        assert isinstance(family, families.ModelFamily) and family.name == name
+        assert family.engine_options <= set(families.ENGINE_OPTIONS)
+        for option in family.options:
+            assert option.help and option.flag.startswith("--") and isinstance(option.type, type)
 
 
 def test_unknown_family_is_a_usage_error_naming_the_known_ones():
     with pytest.raises(UsageError, match="family 'nosuch'.*expected one of .*uniseg"):
-        families.family_module("nosuch")
+        families.family("nosuch")
 
 
 def test_plain_names_and_unknown_prefixes_are_not_family_specs():

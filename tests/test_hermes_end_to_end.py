@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import DATA, make_affine, phantom_ct, save_nifti, use_registry
-from unisegcli.api import RunSettings, segment
+from unisegcli.api import segment
+from unisegcli.models.hermes.family import FAMILY
 from unisegcli.errors import UnknownTaskError, UsageError
 from unisegcli.weights.cards import REGISTRY_PATH, load_registry
 from unisegcli.weights.resolver import get_model
@@ -122,11 +123,11 @@ def test_chaos_modality_option():
 
     card = load_registry(REGISTRY_PATH)["hermes"]
     chaos = card.task("chaos_liver")
-    assert modality_id(chaos, RunSettings()) == 2
-    assert modality_id(chaos, RunSettings(modality="t2")) == 3
-    assert modality_id(card.task("amos_mr_liver"), RunSettings()) == -1
+    assert modality_id(chaos, FAMILY.settings()) == 2
+    assert modality_id(chaos, FAMILY.settings({"modality": "t2"})) == 3
+    assert modality_id(card.task("amos_mr_liver"), FAMILY.settings()) == -1
     with pytest.raises(UsageError, match="t1, t2"):
-        modality_id(chaos, RunSettings(modality="pet"))
+        modality_id(chaos, FAMILY.settings({"modality": "pet"}))
 
 
 # -- preprocessing -------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class SpyNet:
 
 
 def loaded_case(tmp_path, kind="lps"):
-    from unisegcli.api import read_case
+    from unisegcli.io.cases import read_case
     from unisegcli.io.discovery import discover
 
     data = phantom_ct((40, 36, 12))
@@ -233,11 +234,11 @@ def test_one_task_equals_its_dataset_run_and_every_forward_has_the_full_list(tmp
     net = load_hermes(TINY / "best.pth")
     case = loaded_case(tmp_path)
     spy = SpyNet(net)
-    alone = family.predict(case, resolve_tasks(card, "spleen"), spy, settings=RunSettings(),
+    alone = family.predict(case, resolve_tasks(card, "spleen"), spy, settings=FAMILY.settings(),
                            device=torch.device("cpu"))
     amos = card.task("spleen").extra["dataset_indices"]
     assert spy.calls and all(t == [amos + [-1]] and m == [[0]] for t, m in spy.calls)
-    whole = family.predict(case, resolve_tasks(card, "amos_ct"), SpyNet(net), settings=RunSettings(),
+    whole = family.predict(case, resolve_tasks(card, "amos_ct"), SpyNet(net), settings=FAMILY.settings(),
                            device=torch.device("cpu"))
     assert len(whole) == 15
     assert np.array_equal(alone["amos_ct_spleen"], whole["amos_ct_spleen"])
@@ -257,7 +258,7 @@ def test_tasks_of_two_datasets_run_one_pass_each(tmp_path, hermes_tiny):
     card = get_model(hermes_tiny)
     spy = SpyNet(load_hermes(TINY / "best.pth"))
     maps = family.predict(loaded_case(tmp_path), resolve_tasks(card, "liver_tumor,liver,lits_liver"), spy,
-                          settings=RunSettings(), device=torch.device("cpu"))
+                          settings=FAMILY.settings(), device=torch.device("cpu"))
     assert list(maps) == ["lits_liver_tumor", "amos_ct_liver", "lits_liver"]
     lists = {tuple(t[0]) for t, _ in spy.calls}
     assert lists == {(0, 1, -1), tuple(card.task("liver").extra["dataset_indices"] + [-1])}
@@ -289,14 +290,14 @@ def test_segment_writes_masks_in_input_geometry_and_statistics(tmp_path, hermes_
 
     case = loaded_case_from(path)
     direct = family.predict(case, resolve_tasks(get_model(hermes_tiny), "bcv_liver"),
-                            SpyNet(load_hermes(TINY / "best.pth")), settings=RunSettings(), device=torch.device("cpu"))
+                            SpyNet(load_hermes(TINY / "best.pth")), settings=FAMILY.settings(), device=torch.device("cpu"))
     written = np.asarray(nib.load(str(out / "bcv_liver.nii.gz")).dataobj)
     assert 0 < written.mean() < 1  # random weights, but not an empty or full mask: the check bites
     assert np.array_equal(case.scan.reorientation.to_file(direct["bcv_liver"]), written)
 
 
 def loaded_case_from(path: Path):
-    from unisegcli.api import read_case
+    from unisegcli.io.cases import read_case
     from unisegcli.io.discovery import discover
 
     return read_case(discover([path])[0], None)

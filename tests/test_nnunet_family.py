@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import make_affine, save_nifti
 
-from unisegcli.api import RunSettings, segment
+from unisegcli.api import segment
 from unisegcli.errors import CheckpointError, UnsafePickleError, UsageError
 from unisegcli.inference.gaussian import summed_weight_numpy
 from unisegcli.io.cases import read_case
@@ -61,7 +61,7 @@ def card():
 
 @pytest.fixture(scope="module")
 def model(card):
-    return family.load(card, {}, settings=RunSettings(), tasks=card.tasks)
+    return family.load(card, {}, settings=family.FAMILY.settings(), tasks=card.tasks)
 
 
 def loaded_case(case: str):
@@ -136,7 +136,7 @@ def test_checkpoint_with_code_is_refused_before_unpickling(tmp_path: Path) -> No
 def test_exact_mode_reproduces_nnunet(case: str, record: str, model) -> None:
     loaded = loaded_case(case)
     part = model.parts[""]
-    settings = RunSettings(tta=RECORDS[record], nnunet_exact=True)
+    settings = family.FAMILY.settings({"nnunet_exact": True}, tta=RECORDS[record])
     logits, prepared = family.run_part(part, loaded.scan.data, loaded, settings=settings, device=CPU)
 
     expected_pre = np.load(FIXTURE / "preprocessed" / f"{case}.npy")
@@ -162,7 +162,7 @@ def test_exact_mode_reproduces_nnunet(case: str, record: str, model) -> None:
 def test_float32_mode_is_within_the_fixture_tolerance(case: str, record: str, model) -> None:
     loaded = loaded_case(case)
     part = model.parts[""]
-    settings = RunSettings(tta=RECORDS[record], batch_size=2)
+    settings = family.FAMILY.settings(tta=RECORDS[record], batch_size=2)
     logits, prepared = family.run_part(part, loaded.scan.data, loaded, settings=settings, device=CPU)
 
     np.testing.assert_allclose(prepared.tensor.numpy(), np.load(FIXTURE / "preprocessed" / f"{case}.npy"),
@@ -180,7 +180,7 @@ def test_probabilities_match_nnunet_npz(model) -> None:
     loaded = loaded_case("realct")
     part = model.parts[""]
     logits, prepared = family.run_part(part, loaded.scan.data, loaded,
-                                       settings=RunSettings(nnunet_exact=True), device=CPU)
+                                       settings=family.FAMILY.settings({"nnunet_exact": True}), device=CPU)
     probs = export_probabilities(logits, prepared, part.folder, loaded.scan)
     expected = np.load(FIXTURE / "expected_nomirror" / "realct.npz")["probabilities"]
     assert probs.shape == expected.shape and probs.dtype == np.float32
@@ -255,7 +255,7 @@ def test_folds_are_averaged(exact: bool, tmp_path: Path) -> None:
     loaded = loaded_case("realct")
 
     def logits(folds):
-        settings = RunSettings(folds=folds, nnunet_exact=exact)
+        settings = family.FAMILY.settings({"folds": folds, "nnunet_exact": exact})
         net = family.load(card, {}, settings=settings, tasks=card.tasks)
         return family.run_part(net.parts[""], loaded.scan.data, loaded, settings=settings, device=CPU)[0].float()
 
@@ -266,7 +266,7 @@ def test_folds_are_averaged(exact: bool, tmp_path: Path) -> None:
     else:
         torch.testing.assert_close(both, (zero + one) / 2, rtol=0, atol=1e-5)
     with pytest.raises(UsageError, match="--folds 7"):
-        family.load(card, {}, settings=RunSettings(folds=(7,)), tasks=card.tasks)
+        family.load(card, {}, settings=family.FAMILY.settings({"folds": (7,)}), tasks=card.tasks)
 
 
 def test_needed_roles_of_a_single_folder_model_is_everything(card) -> None:
@@ -327,5 +327,5 @@ def test_ignore_label_is_no_output_and_names_stay_unique(tmp_path: Path) -> None
     (folder / "dataset.json").write_text(json.dumps(dataset))
     card = get_model(f"nnunet:{folder}")
     assert [t.name for t in card.tasks] == ["left_kidney", "left_kidney_2", "kidney"]
-    net = family.load(card, {}, settings=RunSettings(), tasks=card.tasks)  # 4 outputs: loads strictly
+    net = family.load(card, {}, settings=family.FAMILY.settings(), tasks=card.tasks)  # 4 outputs: loads strictly
     assert net.parts[""].folder.num_outputs == 4

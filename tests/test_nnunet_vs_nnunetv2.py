@@ -238,7 +238,6 @@ def default_mode_internals(scan: Path, folder: Path, accumulation: str) -> dict[
     given accumulation, in the scan file's voxel order: labels, the logit margin between the
     two best classes after export resampling, and the rim (a summed Gaussian weight < 1e-3 in
     the network grid touches the voxel's interpolation)."""
-    from unisegcli.api import RunSettings
     from unisegcli.inference.engine import sliding_window
     from unisegcli.inference.gaussian import summed_weight_numpy
     from unisegcli.io.cases import read_case, task_channels
@@ -251,7 +250,7 @@ def default_mode_internals(scan: Path, folder: Path, accumulation: str) -> dict[
     from unisegcli.weights.resolver import get_model
 
     card = get_model(f"nnunet:{folder}")
-    part = family.load(card, {}, settings=RunSettings(), tasks=card.tasks).parts[""]
+    part = family.load(card, {}, settings=family.FAMILY.settings(), tasks=card.tasks).parts[""]
     loaded = read_case(discover([scan])[0])
     prepared = preprocess_case(task_channels(loaded, card.tasks[0]), loaded.scan.spacing_mm, loaded.scan,
                                part.folder)

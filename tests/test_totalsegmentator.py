@@ -117,9 +117,9 @@ def test_classes_of_one_part_download_and_run_only_that_part(
     for name, value in (("liver", 1), ("spleen", 2)):
         np.testing.assert_array_equal(np.asarray(nib.load(str(masks[name])).dataobj) > 0, expected == value)
 
-    from unisegcli.api import load_network
+    from unisegcli.session import Segmenter
 
-    loaded = load_network(card, tasks=resolve_tasks(card, "spleen"), offline=True)
+    loaded = Segmenter(card.name, "spleen", offline=True).load()
     assert set(loaded.parts) == {"291"}  # the network of the other part is never built
 
     # the other part only when one of its classes is asked for; the first is reused from the cache

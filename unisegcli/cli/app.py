@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from unisegcli import __version__
+from unisegcli.version import __version__
 from unisegcli.cli import console
 from unisegcli.errors import ExitCode, UnisegError
 

@@ -7,7 +7,7 @@ progress display read. Library code never prints; it gets a progress callback in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -70,3 +70,38 @@ def warn_line(message: str) -> None:
     from rich.markup import escape
 
     stderr().print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+class DownloadBar:
+    """A rich bar per downloaded file (size, speed, ETA) on stderr, fed by the library's
+    ``progress(name, bytes so far, total)`` callback; draws nothing when ``quiet``."""
+
+    def __init__(self, console: "Console | None" = None, quiet: bool = False) -> None:
+        self._bar: Any = None
+        self._tasks: dict[str, Any] = {}
+        if quiet:
+            return
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                             TransferSpeedColumn(), TimeRemainingColumn(), console=console or stderr(),
+                             transient=False)
+
+    def __call__(self, name: str, done: int, total: int | None) -> None:
+        if self._bar is None:
+            return
+        if name not in self._tasks:
+            self._bar.start()
+            self._tasks[name] = self._bar.add_task(name, total=None)
+        self._bar.update(self._tasks[name], completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None and self._tasks:
+            self._bar.stop()
+
+    def __enter__(self) -> "DownloadBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -10,8 +10,9 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from unisegcli.api import CaseFailure, CaseResult, Events, Result
 from unisegcli.cli import console
+from unisegcli.events import Events
+from unisegcli.results import CaseFailure, CaseResult, Result
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -48,10 +49,12 @@ class RunReporter(Events):
         self._windows_task: Any = None
         self._started = time.perf_counter()
         self.result: Result | None = None  # set by run_finished, also when a run is interrupted
+        self._download_bar: console.DownloadBar | None = None
 
-    @property
-    def quiet(self) -> bool:  # type: ignore[override]
-        return console.state.silent
+    def download_progress(self, name: str, done_bytes: int, total_bytes: int | None) -> None:
+        if self._download_bar is None:
+            self._download_bar = console.DownloadBar(quiet=console.state.silent)
+        self._download_bar(name, done_bytes, total_bytes)
 
     def downloading(self, model: "ModelCard") -> None:
         if console.state.json:
@@ -63,6 +66,9 @@ class RunReporter(Events):
             )
 
     def run_started(self, model: "ModelCard", tasks: Sequence["TaskCard"], cases: Sequence["CaseInput"], device: str) -> None:
+        if self._download_bar is not None:
+            self._download_bar.close()
+            self._download_bar = None
         if console.state.json:
             emit("run_started", model=model.name, version=model.version, tasks=[t.name for t in tasks],
                  cases=len(cases), device=device)
@@ -96,6 +102,15 @@ class RunReporter(Events):
             emit("case_started", case_id=case.case_id, input=str(case.path), number=number, total=total)
         if self._progress is not None:
             self._progress.reset(self._windows_task, total=None, description=f"windows [dim]{case.case_id}[/]")
+
+    def case_retry(self, case_id: str, reason: str, message: str) -> None:
+        if console.state.json:
+            emit("case_retry", case_id=case_id, reason=reason, message=message)
+        elif not console.state.quiet:
+            printer = self._progress.console if self._progress is not None else console.stderr()
+            from rich.markup import escape
+
+            printer.print(f"[yellow]retry:[/] {escape(case_id)}: {escape(message)}", soft_wrap=True)
 
     def windows(self, done: int, total: int) -> None:
         if self._progress is not None:
@@ -147,6 +162,9 @@ class RunReporter(Events):
 
     def close(self) -> None:
         """Stop the live display (idempotent; also called when a run raises)."""
+        if self._download_bar is not None:
+            self._download_bar.close()
+            self._download_bar = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

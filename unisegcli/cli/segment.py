@@ -1,4 +1,5 @@
-"""`uniseg segment` (the default command): parse options, call `unisegcli.api.segment`."""
+"""`uniseg segment` (the default command): parse options into typed option objects, build one
+``Segmenter`` and run it over the inputs."""
 
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ def segment_command(
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", min=1, help="Windows per forward pass (default: 1 on CPU, from free memory on GPU).",
         rich_help_panel=ENGINE)] = None,
-    step: Annotated[float, typer.Option(
+    step: Annotated[Optional[float], typer.Option(
         "--step", min=0.1, max=1.0, help="Sliding-window step as a fraction of the patch (smaller: more overlap, "
-        "slower).", rich_help_panel=ENGINE)] = 0.5,
+        "slower; default 0.5).", rich_help_panel=ENGINE, show_default=False)] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="8-way flip test-time augmentation (8× slower).",
                                       rich_help_panel=ENGINE)] = False,
     precision: Annotated[str, typer.Option(
@@ -66,6 +67,10 @@ def segment_command(
         rich_help_panel=ENGINE)] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: "
                                                    "all cores).", rich_help_panel=ENGINE)] = None,
+    accumulator_device: Annotated[Optional[str], typer.Option(
+        "--accumulator-device", help="Where blended outputs are summed: cpu keeps them in host memory (large "
+        "scans on a small GPU); default: the --device. After a CUDA out-of-memory a case is retried on the CPU "
+        "anyway.", rich_help_panel=ENGINE, show_default=False)] = None,
     modality: Annotated[Optional[str], typer.Option(
         "--modality", help="ct, mri or pet: the scan's modality for text-prompted models (SAT); default: "
         "guessed from the intensities, with a warning.", rich_help_panel=ENGINE)] = None,
@@ -122,9 +127,10 @@ def segment_command(
     console.state.debug, console.state.json = debug, json_events
     if verbose:  # library log lines (e.g. the checkpoint keys a loader ignored) on stderr
         _log_to_stderr("unisegcli.models")
-    from unisegcli.api import segment
     from unisegcli.cli.reporting import RunReporter
     from unisegcli.outputs.writer import OutputOptions
+    from unisegcli.session import Segmenter
+    from unisegcli.settings import EngineOptions
 
     # SIGTERM (Slurm's scancel, timeouts) stops like Ctrl-C: the current case is abandoned
     # without partial files, done markers stay intact, the summary is printed.
@@ -132,7 +138,7 @@ def segment_command(
     from unisegcli.inference.host_memory import return_large_frees_to_os
 
     return_large_frees_to_os()  # lower peak memory on large scans (see the module)
-    options = OutputOptions(
+    outputs = OutputOptions(
         structures=tuple(s.strip() for s in structures.split(",") if s.strip()) if structures is not None else None,
         multilabel=multilabel,
         largest_component=largest_component,
@@ -141,32 +147,16 @@ def segment_command(
         statistics=statistics,
         output_type=output_type,
     )
+    engine = EngineOptions(device=device, accumulator_device=accumulator_device, batch_size=batch_size, step=step,
+                           tta=tta, precision=precision, threads=threads)
+    family_options = {"modality": modality, "folds": _parse_folds(folds), "nnunet_exact": nnunet_exact or None,
+                      "gaussian": gaussian}
     reporter = RunReporter()
     try:
-        result = segment(
-            inputs or [],
-            tasks,
-            output=output,
-            model=model,
-            device=device,
-            batch_size=batch_size,
-            step=step,
-            tta=tta,
-            precision=precision,
-            threads=threads,
-            offline=offline,
-            outputs=options,
-            input_list=input_list,
-            channels=channel or (),
-            series_uid=series,
-            shard=shard,
-            overwrite=overwrite,
-            events=reporter,
-            modality=modality,
-            folds=_parse_folds(folds),
-            nnunet_exact=nnunet_exact,
-            gaussian=gaussian,
-        )
+        with Segmenter(model, tasks, engine=engine, options=family_options, outputs=outputs, offline=offline,
+                       events=reporter) as segmenter:
+            result = segmenter.run(inputs or [], output, input_list=input_list, channels=channel or (),
+                                   series_uid=series, shard=shard, overwrite=overwrite)
     except KeyboardInterrupt:
         # Stopped between cases or mid-case: finished cases keep their outputs and markers,
         # the current one left nothing. Show what was done; the app exits with 130.
@@ -180,8 +170,8 @@ def segment_command(
     raise typer.Exit(int(result.exit_code))
 
 
-def _parse_folds(text: str | None) -> list[int] | None:
-    """"0,1,2" -> [0, 1, 2]; anything else is a one-line usage error."""
+def _parse_folds(text: str | None) -> tuple[int, ...] | None:
+    """"0,1,2" -> (0, 1, 2); anything else is a one-line usage error."""
     if text is None:
         return None
     try:
@@ -190,7 +180,7 @@ def _parse_folds(text: str | None) -> list[int] | None:
         folds = []
     if not folds or min(folds) < 0:
         raise UsageError(f"--folds is '{text}'; expected comma-separated fold numbers such as 0,1,2.")
-    return folds
+    return tuple(folds)
 
 
 def _log_to_stderr(name: str) -> None:

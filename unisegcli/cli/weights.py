@@ -130,7 +130,11 @@ def download(
                    highlight=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnverifiedFileWarning)
-            files = ensure_model(card, offline=offline, quiet=quiet, console=console)
+            from unisegcli.cli.console import DownloadBar
+
+            with DownloadBar(console, quiet) as bar:
+                files = ensure_model(card, offline=offline, progress=bar,
+                                     on_wait=None if quiet else lambda m: console.print(m, highlight=False))
         for warning in caught:
             if issubclass(warning.category, UnverifiedFileWarning):
                 loud.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False)
@@ -276,10 +280,10 @@ def prepare(
 ) -> None:
     """Precompute what a model needs at every run (SAT: the text embeddings of its whole
     vocabulary, ~1.5 MB), so later runs load neither the text encoder nor transformers."""
-    from unisegcli.models.families import family_module
+    from unisegcli.models.families import family
 
     card = _card(name)
-    hook = getattr(family_module(card.family), "prepare", None)
+    hook = family(card.family).prepare
     if hook is None:
         raise WeightsError(
             f"model '{card.name}' (family {card.family}) has nothing to prepare; expected a SAT model "
@@ -290,5 +294,8 @@ def prepare(
     if not offline and cache.missing_files(card):
         _stderr(quiet).print(f"downloading model '{card.name}' {card.version} (first use) · license: "
                              f"{card.license}", soft_wrap=True, highlight=False, markup=False)
-    out = hook(card, offline=offline, quiet=quiet)
+    from unisegcli.cli.console import DownloadBar
+
+    with DownloadBar(_stderr(quiet), quiet) as bar:
+        out = hook(card, offline=offline, download_progress=bar)
     _stderr(quiet).print(f"prepared model '{card.name}': {out}", soft_wrap=True, highlight=False, markup=False)

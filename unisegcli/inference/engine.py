@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 from unisegcli.errors import DeviceError, UsageError
 from unisegcli.inference.gaussian import gaussian_importance
 from unisegcli.inference.tiling import padding_for_patch, window_slices
+from unisegcli.settings import PRECISIONS
 
 if TYPE_CHECKING:
     import torch
 
     from unisegcli.inference.tiling import Placement
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 ACCUMULATIONS = ("fp32", "fp16")
 ACTIVATIONS = (None, "softmax", "sigmoid")
 Progress = Callable[[int, int], None]
@@ -180,7 +180,8 @@ def predict_windows(
         )
         with ctx:
             for h, (head, out) in enumerate(zip(heads, _forward(net, inp, heads))):
-                _accumulate(sums, h, head, out, x.shape[0], patch, dims, activation)
+                _check_output(out, x.shape[0], patch)
+                _accumulate(sums, h, head, out, dims=dims, activation=activation)
                 del out  # before the next head is decoded
     if len(flips) > 1:
         for s in sums:
@@ -188,12 +189,11 @@ def predict_windows(
     return sums  # type: ignore[return-value]
 
 
-def _accumulate(sums: list[Any], h: int, head: Head, out: "torch.Tensor", batch: int,
-                patch: tuple[int, ...], dims: list[int], activation: str | None) -> None:
+def _accumulate(sums: list[Any], h: int, head: Head, out: "torch.Tensor", *, dims: list[int],
+                activation: str | None) -> None:
     """Add one head's (flipped) output, activated and cut to its channels, to ``sums[h]``."""
     import torch
 
-    _check_output(out, batch, patch)
     if head.channels is not None and out.shape[1] < head.channels:
         raise ValueError(f"the network returned {out.shape[1]} channels; task needs {head.channels}")
     out = out.float()
@@ -219,24 +219,49 @@ MAX_AUTO_BATCH = 16
 GPU_MEMORY_SHARE = 0.6  # of the free memory after one probe window; leaves room for the rest
 
 
-def auto_batch_size(
+def batch_size_for(
     net: Any,
     patch_size: Sequence[int],
     in_channels: int,
     heads: Sequence[Head],
     device: "torch.device",
+    *,
     precision: str = "auto",
+    requested: int | None = None,
 ) -> int:
-    """Windows per forward when --batch-size is not given.
+    """The one batch-size policy: windows per forward for every family.
 
-    CPU (and MPS): 1 — larger batches do not make CPU convolutions faster, only use memory.
-    CUDA: one probe window measures the peak memory a window needs (at the run's precision),
-    then as many windows as fit in GPU_MEMORY_SHARE of the free memory, at most MAX_AUTO_BATCH.
+    ``requested`` (--batch-size) wins. Otherwise CPU (and MPS): 1 — larger batches do not make
+    CPU convolutions faster, only use memory. CUDA: one probe window measures the peak memory a
+    window needs (at the run's precision), then as many windows as fit in GPU_MEMORY_SHARE of
+    the free memory, at most MAX_AUTO_BATCH. The probe is measured once per (network, patch,
+    heads, device, precision) and reused for later cases.
     """
-    import torch
-
+    if requested is not None:
+        if int(requested) < 1:
+            raise UsageError(f"batch size must be at least 1, got {requested}.")
+        return int(requested)
     if device.type != "cuda":
         return 1
+    key = (tuple(int(p) for p in patch_size), in_channels, tuple(heads), str(device), precision)
+    measured = getattr(net, "_uniseg_batch_sizes", None)
+    if isinstance(measured, dict) and key in measured:
+        return int(measured[key])
+    size = _probe_batch_size(net, patch_size, in_channels, heads, device, precision)
+    try:
+        if not isinstance(measured, dict):
+            measured = {}
+            setattr(net, "_uniseg_batch_sizes", measured)
+        measured[key] = size
+    except AttributeError:  # a network that takes no attributes: measure again next time
+        pass
+    return size
+
+
+def _probe_batch_size(net: Any, patch_size: Sequence[int], in_channels: int, heads: Sequence[Head],
+                      device: "torch.device", precision: str) -> int:
+    import torch
+
     autocast = autocast_dtype(precision, device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -254,6 +279,25 @@ def auto_batch_size(
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _to_store(weighted: "torch.Tensor", store: "torch.device", staging: dict) -> "torch.Tensor":
+    """Move one batch's weighted outputs to the accumulators' device. From a GPU to the host
+    they go through a reused pinned buffer with a non-blocking copy, then the stream is
+    synchronised so the buffer is complete before it is added."""
+    import torch
+
+    if weighted.device == store:
+        return weighted
+    if weighted.device.type != "cuda" or store.type != "cpu":
+        return weighted.to(store)
+    key = tuple(weighted.shape) + (weighted.dtype.itemsize,)
+    if key not in staging:
+        staging[key] = torch.empty(weighted.shape, dtype=weighted.dtype, pin_memory=True)
+    buffer = staging[key]
+    buffer.copy_(weighted, non_blocking=True)
+    torch.cuda.current_stream(weighted.device).synchronize()
+    return buffer
 
 
 def _window_weights(gaussian: "bool | torch.Tensor", patch: tuple[int, ...], dtype: "torch.dtype",
@@ -275,7 +319,7 @@ def sliding_window(
     *,
     heads: Sequence[Head] | None = None,
     step: float = 0.5,
-    batch_size: int = 1,
+    batch_size: int | None = 1,
     tta: bool = False,
     mirror_axes: Sequence[int] = (0, 1, 2),
     precision: str = "auto",
@@ -283,27 +327,31 @@ def sliding_window(
     activation: str | None = None,
     progress: Progress | None = None,
     gaussian: "bool | torch.Tensor" = True,
+    accumulator_device: "str | torch.device | None" = None,
     placement: "Placement | None" = None,
 ) -> list["torch.Tensor"]:
     """Predict a whole volume by blending overlapping, Gaussian-weighted windows.
 
-    volume: float tensor [C, Z, Y, X] on the network's device, already normalised.
+    volume: float tensor [C, Z, Y, X], already normalised; the network runs on its device.
     net: a callable [B, C, *patch] -> [B, K, *patch] (``heads`` None or task_index None), or
     a UniSeg-like module with ``encode``/``decode(features, task_index)`` (or
     ``net(x, task_index)``); every window has exactly ``patch_size`` (z, y, x).
     heads: what to return; default one head with all channels of a plain predictor.
     step: window overlap as a fraction of the patch (0.5 = nnU-Net). batch_size: windows per
-    forward. tta: average all flips of ``mirror_axes`` (8 for 3 axes). precision: autocast on
-    CUDA only (see ``autocast_dtype``). accumulation: "fp32", or "fp16" to match nnU-Net v2
-    bit for bit. activation: None (blend logits, nnU-Net v2), "softmax" (blend
-    probabilities, nnU-Net v1) or "sigmoid" (independent per-channel probabilities, for
-    multi-label models such as Hermes and SAT). gaussian: False weights every voxel of a
-    window equally (a plain mean of the overlapping windows); a [*patch] tensor is used as the
-    weights as given (SAT's float16 map). placement: where windows go and how short axes are
-    padded (``inference.tiling.Placement``; default nnU-Net's). progress(done, total) is
-    called after every batch with window counts.
+    forward (None: ``batch_size_for``'s policy). tta: average all flips of ``mirror_axes``
+    (8 for 3 axes). precision: autocast on CUDA only (see ``autocast_dtype``). accumulation:
+    "fp32", or "fp16" to match nnU-Net v2 bit for bit. activation: None (blend logits, nnU-Net
+    v2), "softmax" (blend probabilities, nnU-Net v1) or "sigmoid" (independent per-channel
+    probabilities, for multi-label models such as Hermes and SAT). gaussian: False weights
+    every voxel of a window equally (a plain mean of the overlapping windows); a [*patch]
+    tensor is used as the weights as given (SAT's float16 map). placement: where windows go
+    and how short axes are padded (``inference.tiling.Placement``; default nnU-Net's).
+    accumulator_device: where the blended outputs and the weight sum live (None: the volume's
+    device; "cpu" holds them in host memory, as MONAI's ``device`` beside ``sw_device``, so a
+    large output fits when the GPU's memory does not). progress(done, total) is called after
+    every batch with window counts.
 
-    Returns one float32 [n_k, Z, Y, X] tensor per head, on the volume's device.
+    Returns one float32 [n_k, Z, Y, X] tensor per head, on the accumulator device.
     """
     import torch
 
@@ -313,12 +361,12 @@ def sliding_window(
         raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if int(batch_size) < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}.")
-    batch_size = int(batch_size)
     patch = tuple(int(p) for p in patch_size)
     heads = list(heads) if heads is not None else [Head(None, None)]
     device = volume.device
+    store = torch.device(accumulator_device) if accumulator_device is not None else device
+    batch_size = batch_size_for(net, patch, volume.shape[0], heads, device, precision=precision,
+                                requested=batch_size)
     autocast = autocast_dtype(precision, device)
     acc_dtype = torch.float16 if accumulation == "fp16" else torch.float32
     flips = mirror_combinations(mirror_axes) if tta else [()]
@@ -333,19 +381,23 @@ def sliding_window(
         padded = tuple(volume.shape[1:])
         windows = window_slices(padded, patch, step, placement)
         gauss = _window_weights(gaussian, patch, acc_dtype, device)
-        weights = torch.zeros(padded, dtype=acc_dtype, device=device)
+        gauss_store = gauss if store == device else gauss.to(store)
+        weights = torch.zeros(padded, dtype=acc_dtype, device=store)
         accs: list[torch.Tensor | None] = [None] * len(heads)
+        staging: dict[tuple[int, ...], torch.Tensor] = {}  # pinned host buffers, reused per batch
         done = 0
         for batch in _batches(windows, batch_size):
             x = torch.stack([volume[(slice(None),) + sl] for sl in batch])
             preds = predict_windows(net, x, heads, flips=flips, autocast=autocast, activation=activation)
             for h, pred in enumerate(preds):
                 if accs[h] is None:
-                    accs[h] = torch.zeros((pred.shape[1], *padded), dtype=acc_dtype, device=device)
+                    accs[h] = torch.zeros((pred.shape[1], *padded), dtype=acc_dtype, device=store)
+                weighted = _to_store(pred * gauss, store, staging)
                 for j, sl in enumerate(batch):
-                    accs[h][(slice(None),) + sl] += pred[j] * gauss  # type: ignore[index]
+                    accs[h][(slice(None),) + sl] += weighted[j]  # type: ignore[index]
+                del weighted
             for sl in batch:
-                weights[sl] += gauss
+                weights[sl] += gauss_store
             done += len(batch)
             if progress is not None:
                 progress(done, len(windows))

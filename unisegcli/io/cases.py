@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from unisegcli.errors import ChannelError
+from unisegcli.errors import ChannelError, ImageFormatError, ImageValueError
 from unisegcli.io.discovery import CaseInput
-from unisegcli.io.nifti import Scan, read_scan
+from unisegcli.io.nifti import Scan, case_id as nifti_case_id, read_scan, scan_from_image
 
 if TYPE_CHECKING:
     from unisegcli.io.dicom import DicomSource
@@ -38,19 +39,59 @@ def read_case(case: CaseInput, series_uid: str | None = None) -> LoadedCase:
         return LoadedCase(case, scan, source)
     scans = [read_scan(p) for p in case.paths]
     first = scans[0]
+    _check_same_grid(scans)
+    if len(scans) == 1:
+        return LoadedCase(case, first)
+    data = np.concatenate([s.data for s in scans], axis=0)
+    return LoadedCase(case, replace(first, data=data))
+
+
+def case_in_memory(image: Any, affine: Any = None, *, case_id: str = "case") -> LoadedCase:
+    """A LoadedCase from what ``Segmenter.predict`` takes: a path (NIfTI file, DICOM folder or
+    .zip), a nibabel image, a numpy array [i, j, k] (or [i, j, k, C]) with its 4x4 ``affine``,
+    or a mapping channel name -> any of these (multi-channel tasks; one grid for all)."""
+    if isinstance(image, Mapping):
+        parts = {str(name).lower(): case_in_memory(value, affine, case_id=case_id) for name, value in image.items()}
+        if not parts:
+            raise ChannelError("no channel given; expected a mapping such as {'ct': ..., 'pet': ...}.")
+        first = next(iter(parts.values()))
+        _check_same_grid([p.scan for p in parts.values()])
+        data = np.concatenate([p.scan.data for p in parts.values()], axis=0)
+        case = CaseInput(case_id, first.case.paths, tuple(parts))
+        return LoadedCase(case, replace(first.scan, data=data), first.dicom)
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        dicom = path.is_dir() or path.suffix.lower() == ".zip"
+        return read_case(CaseInput(case_id if case_id != "case" else nifti_case_id(path), (path,), dicom=dicom))
+    import nibabel as nib
+
+    label = Path(f"<{case_id}>")
+    if isinstance(image, np.ndarray):
+        if affine is None:
+            raise ImageValueError(f"a numpy array of shape {image.shape} was given without its affine; expected "
+                                  "predict(array, affine) with the 4x4 voxel-to-world matrix (mm).")
+        matrix = np.asarray(affine, dtype=float)
+        if matrix.shape != (4, 4):
+            raise ImageValueError(f"the affine has shape {matrix.shape}; expected a 4x4 voxel-to-world matrix.")
+        image = nib.Nifti1Image(np.asarray(image), matrix)
+        image.set_qform(matrix, code=1)
+        image.set_sform(matrix, code=1)
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ImageFormatError(f"predict() got {type(image).__name__}; expected a path, a nibabel NIfTI image, "
+                               "or a numpy array with its affine.")
+    return LoadedCase(CaseInput(case_id, (label,)), scan_from_image(image, label))
+
+
+def _check_same_grid(scans: Sequence[Scan]) -> None:
+    first = scans[0]
     for other in scans[1:]:
         same_shape = other.data.shape[1:] == first.data.shape[1:]
-        same_grid = same_shape and np.allclose(other.image.affine, first.image.affine, atol=1e-3)
-        if not same_grid:
+        if not (same_shape and np.allclose(other.image.affine, first.image.affine, atol=1e-3)):
             raise ChannelError(
                 f"channel file '{other.path}' (shape {other.file_shape}) is not on the grid of "
                 f"'{first.path}' (shape {first.file_shape}); expected all channels of a case with "
                 "the same shape and affine. Resample them to one grid first."
             )
-    if len(scans) == 1:
-        return LoadedCase(case, first)
-    data = np.concatenate([s.data for s in scans], axis=0)
-    return LoadedCase(case, replace(first, data=data))
 
 
 def task_channels(loaded: LoadedCase, task: "TaskCard") -> np.ndarray:

@@ -229,10 +229,14 @@ def _spatial_checks(image: "nib.Nifti1Image", path: Path) -> tuple[int, ...]:
 
 def read_scan(path: Path) -> Scan:
     """Read a 3D or 4D NIfTI into internal orientation, checking everything a user can get wrong."""
+    path = Path(path)
+    return scan_from_image(load_nifti(path), path)
+
+
+def scan_from_image(image: "nib.Nifti1Image", path: Path) -> Scan:
+    """A Scan of an opened (or in-memory) NIfTI image; ``path`` names it in messages."""
     from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-    path = Path(path)
-    image = load_nifti(path)
     shape = _spatial_checks(image, path)
     pixels = _read_pixels(image, path).reshape(shape)
     if not np.isfinite(pixels).all():

@@ -98,7 +98,7 @@ def dicom_seg_dataset(
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    from unisegcli import __version__
+    from unisegcli.version import __version__
     from unisegcli.io.dicom_privacy import quiet_pydicom
 
     check_dicom_output("dicom-seg", source)
@@ -165,7 +165,7 @@ def rtstruct_dataset(
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from unisegcli import __version__
+    from unisegcli.version import __version__
 
     check_dicom_output("rtstruct", source)
     try:

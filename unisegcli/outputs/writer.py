@@ -127,6 +127,23 @@ def clean_masks(masks_zyx: Mapping[str, np.ndarray], options: OutputOptions, vox
     return cleaned
 
 
+def select_and_clean(masks_zyx: Mapping[str, np.ndarray], options: OutputOptions,
+                     voxel_ml: float) -> Mapping[str, np.ndarray]:
+    """The masks to write: ``--structures`` picks (pipeline order kept), then the cleanup.
+    Label-map masks stay lazy (computed on access) when there is no cleanup."""
+    selected = select_structures(options.structures, list(masks_zyx))
+    if isinstance(masks_zyx, LabelMasks) and not (options.min_component_ml > 0 or options.largest_component):
+        return masks_zyx.subset(selected)  # no copies held
+    return clean_masks({n: masks_zyx[n] for n in selected}, options, voxel_ml)
+
+
+def selected_masks(label_maps: Mapping[str, np.ndarray], where: Mapping[str, tuple[str, int]],
+                   options: OutputOptions, scan: Scan) -> Mapping[str, np.ndarray]:
+    """structure -> bool [Z, Y, X] masks of task label maps as written. where: structure ->
+    (task, label value), in output order."""
+    return select_and_clean(LabelMasks(label_maps, where), options, voxel_volume_ml(scan.image.affine))
+
+
 def _check_file_names(names: Sequence[str]) -> None:
     seen = set()
     for name in names:
@@ -205,6 +222,8 @@ def write_case_outputs(
     channel_names: Sequence[str] | None = None,
     modality: str | None = None,
     cohort_folder: Path | None = None,
+    selected: bool = False,
+    statistics: Mapping[str, Any] | None = None,
 ) -> CaseOutputs:
     """Write every output of one case into ``folder``, all-or-nothing.
 
@@ -215,7 +234,8 @@ def write_case_outputs(
     channel_names: names of scan.data's channels for the statistics (e.g. the task card's
     channels). modality: "CT"/"MR"/"PET" for the preview window (guessed when None).
     cohort_folder: if given (and not ``folder`` itself), the case's statistics rows are
-    merged into ``cohort_folder/statistics.csv``.
+    merged into ``cohort_folder/statistics.csv``. selected: ``masks_zyx`` already went through
+    ``select_and_clean``. statistics: their ``case_statistics`` when already computed.
     """
     import nibabel as nib
 
@@ -224,22 +244,22 @@ def write_case_outputs(
 
     check_dicom_output(options.output_type, dicom_source)
     folder = Path(folder)
-    selected = select_structures(options.structures, list(masks_zyx))
     voxel_ml = voxel_volume_ml(scan.image.affine)
-    if isinstance(masks_zyx, LabelMasks) and not (options.min_component_ml > 0 or options.largest_component):
-        masks: Mapping[str, np.ndarray] = masks_zyx.subset(selected)  # stays lazy: no copies held
-    else:
-        masks = clean_masks({n: masks_zyx[n] for n in selected}, options, voxel_ml)
+    masks = masks_zyx if selected else select_and_clean(masks_zyx, options, voxel_ml)
     case = case_id if case_id is not None else scan.case_id
 
     names = output_names(list(masks), options)
 
     # Everything that can fail on content is computed before any file is staged.
-    statistics = None
-    if options.statistics:
-        from unisegcli.outputs.statistics import case_statistics, render_statistics
+    if not options.statistics:
+        statistics = None
+    elif statistics is None:
+        from unisegcli.outputs.statistics import case_statistics
 
         statistics = case_statistics(scan, masks, case_id=case, task_of=task_of, channel_names=channel_names)
+    if statistics is not None:
+        from unisegcli.outputs.statistics import render_statistics
+
         json_text, csv_text = render_statistics(statistics)
     from unisegcli.outputs.preview import render_preview, structure_colors
 

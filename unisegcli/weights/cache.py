@@ -25,7 +25,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Collection, Iterator
+from typing import IO, Callable, Collection, Iterator
 
 from unisegcli.errors import ChecksumError, OfflineError, WeightsError
 from unisegcli.weights.cards import FileCard, ModelCard
@@ -260,11 +260,11 @@ def lock_path(card: ModelCard) -> Path:
 
 
 @contextmanager
-def model_lock(card: ModelCard, *, on_wait: IO[str] | None = None) -> Iterator[Path]:
+def model_lock(card: ModelCard, *, on_wait: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Hold the model's cache lock (waits for other processes); yield the model folder.
 
-    Creates the folders it needs; a read-only cache raises WeightsError. ``on_wait`` (a text
-    stream) gets one line when another process holds the lock.
+    Creates the folders it needs; a read-only cache raises WeightsError. ``on_wait(message)``
+    is called once when another process holds the lock.
     """
     from filelock import FileLock, Timeout
 
@@ -278,8 +278,8 @@ def model_lock(card: ModelCard, *, on_wait: IO[str] | None = None) -> Iterator[P
             lock.acquire(timeout=0.2)
         except Timeout:
             if on_wait is not None:
-                print(f"waiting for another process writing model '{card.name}' into "
-                      f"{directory} (lock {lock_file})", file=on_wait)
+                on_wait(f"waiting for another process writing model '{card.name}' into "
+                        f"{directory} (lock {lock_file})")
             lock.acquire()  # the holder's downloads have timeouts, so this ends
     except OSError as exc:
         raise WeightsError(

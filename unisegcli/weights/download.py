@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from unisegcli.io.hashing import sha256_file
 
 if TYPE_CHECKING:
     import requests
-    from rich.console import Console
 
 CHUNK_BYTES = 64 << 10  # small: bytes of a chunk in flight are lost when a connection breaks
 HTML_LIMIT_BYTES = 2 << 20  # read at most this much of a page that may carry a confirm token
@@ -144,42 +142,11 @@ def drive_confirm_url(page: str, base_url: str, cookies: dict[str, str] | None =
     return None
 
 
-class _Progress:
-    """A rich progress bar on stderr (size, speed, ETA); does nothing when quiet."""
-
-    def __init__(self, quiet: bool, console: Console | None) -> None:
-        self._bar: Any = None
-        if quiet:
-            return
-        from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(),
-            console=console or Console(stderr=True), transient=False,
-        )
-
-    def __enter__(self) -> _Progress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def add(self, label: str) -> Any:
-        return self._bar.add_task(label, total=None) if self._bar is not None else None
-
-    def update(self, task: Any, *, completed: int, total: int | None) -> None:
-        if self._bar is not None:
-            self._bar.update(task, completed=completed, total=total)
+DownloadProgress = Callable[[str, int, "int | None"], None]  # (file name, bytes so far, total or None)
 
 
 def _attempt(session: requests.Session, url: str, part: Path, policy: RetryPolicy,
-             progress: _Progress, task: Any, hops: list[str]) -> str | None:
+             report: Callable[[int, "int | None"], None], hops: list[str]) -> str | None:
     """One HTTP request, appending to ``part``. Return a confirm URL to follow, or None when done.
 
     Raises _Retry for transient failures and DownloadError for permanent ones.
@@ -248,7 +215,7 @@ def _attempt(session: requests.Session, url: str, part: Path, policy: RetryPolic
                 for piece in itertools.chain([first], chunks):
                     out.write(piece)
                     done += len(piece)
-                    progress.update(task, completed=done, total=total)
+                    report(done, total)
         except (requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError) as exc:
             raise _Retry(f"connection to {url} broke: {exc}") from exc
@@ -263,7 +230,7 @@ def _attempt(session: requests.Session, url: str, part: Path, policy: RetryPolic
 def fetch_file(
     urls: list[str], part: Path, *, expected_sha256: str | None = None,
     expected_size_bytes: int | None = None, policy: RetryPolicy | None = None,
-    session: requests.Session | None = None, progress: _Progress | None = None,
+    session: requests.Session | None = None, progress: DownloadProgress | None = None,
     label: str = "",
 ) -> DownloadResult:
     """Download into ``part`` (resuming what is there), then check size and sha256.
@@ -275,8 +242,12 @@ def fetch_file(
 
     policy = policy or RetryPolicy()
     session = session or requests.Session()
-    progress = progress or _Progress(quiet=True, console=None)
-    task = progress.add(label or part.name)
+    name = label or part.name
+
+    def report(done: int, total: int | None) -> None:
+        if progress is not None:
+            progress(name, done, total)
+
     if expected_size_bytes is not None:
         have = part.stat().st_size if part.exists() else 0
         if have > expected_size_bytes:
@@ -298,7 +269,7 @@ def fetch_file(
                     and part.stat().st_size == expected_size_bytes:
                 break  # complete from an earlier run that stopped before the check
             try:
-                follow = _attempt(session, current, part, policy, progress, task, hops)
+                follow = _attempt(session, current, part, policy, report, hops)
                 if follow:
                     current, attempt = follow, 0  # a confirmation hop is not a failure
                     continue
@@ -338,14 +309,16 @@ def fetch_file(
 
 
 def ensure_model(
-    card: ModelCard, *, offline: bool = False, quiet: bool = False,
-    console: Console | None = None, policy: RetryPolicy | None = None,
+    card: ModelCard, *, offline: bool = False, progress: DownloadProgress | None = None,
+    on_wait: Callable[[str], None] | None = None, policy: RetryPolicy | None = None,
     roles: Collection[str] | None = None,
 ) -> dict[str, Path]:
     """Return the model's cached files by role, downloading the missing ones first.
 
     roles: only the files with these roles (e.g. the parts of a multi-part model a run
-    needs); all files by default.
+    needs); all files by default. progress(name, bytes so far, total) reports each download;
+    on_wait(message) is told when another process holds the model's lock (the library never
+    prints: the CLI draws the bar and the line).
 
     offline (or UNISEG_OFFLINE=1) never opens a socket: a missing file raises OfflineError.
     When every file is present, nothing is written and no lock is taken (read-only caches
@@ -362,9 +335,8 @@ def ensure_model(
 
     import requests
 
-    wait_stream = None if quiet else (console.file if console is not None else sys.stderr)
     unverified: list[tuple[FileCard, str]] = []
-    with cache.model_lock(card, on_wait=wait_stream) as directory:
+    with cache.model_lock(card, on_wait=on_wait) as directory:
         missing = cache.missing_files(card, roles=roles)  # another process may have fetched them meanwhile
         known = sum(f.size_bytes or 0 for f in missing)
         if known and known > cache.free_bytes(directory) - FREE_MARGIN_BYTES:
@@ -374,25 +346,24 @@ def ensure_model(
                 f"larger disk."
             )
         session = requests.Session()
-        with _Progress(quiet, console) as progress:
-            for f in missing:
-                part = cache.part_path(directory / f.name)
-                try:
-                    result = fetch_file(
-                        file_urls(card, f), part, expected_sha256=f.sha256,
-                        expected_size_bytes=f.size_bytes, policy=policy, session=session,
-                        progress=progress, label=f.name,
-                    )
-                except DownloadError as exc:
-                    raise DownloadError(
-                        f"cannot download '{f.name}' of model '{card.name}': {exc}. Retry later "
-                        f"(a partial download is kept and resumed), set UNISEG_MIRROR, or fetch the "
-                        f"file in a browser and run `uniseg weights import {card.name} PATH`."
-                    ) from exc
-                cache.commit_file(card, f, result.path, sha256=result.sha256,
-                                  size_bytes=result.size_bytes, source=result.url)
-                if not f.sha256:
-                    unverified.append((f, result.sha256))
+        for f in missing:
+            part = cache.part_path(directory / f.name)
+            try:
+                result = fetch_file(
+                    file_urls(card, f), part, expected_sha256=f.sha256,
+                    expected_size_bytes=f.size_bytes, policy=policy, session=session,
+                    progress=progress, label=f.name,
+                )
+            except DownloadError as exc:
+                raise DownloadError(
+                    f"cannot download '{f.name}' of model '{card.name}': {exc}. Retry later "
+                    f"(a partial download is kept and resumed), set UNISEG_MIRROR, or fetch the "
+                    f"file in a browser and run `uniseg weights import {card.name} PATH`."
+                ) from exc
+            cache.commit_file(card, f, result.path, sha256=result.sha256,
+                              size_bytes=result.size_bytes, source=result.url)
+            if not f.sha256:
+                unverified.append((f, result.sha256))
     if unverified:
         names = ", ".join(f"'{f.name}'" for f, _ in unverified)
         seen = ", ".join(f"{f.name}: {digest}" for f, digest in unverified)

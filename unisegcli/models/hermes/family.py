@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from unisegcli.errors import UsageError
+from unisegcli.models.families import FamilyOption, ModelFamily, RunSettings
 
 if TYPE_CHECKING:
     import torch
 
-    from unisegcli.api import RunSettings
     from unisegcli.io.cases import LoadedCase
     from unisegcli.weights.cards import ModelCard, TaskCard
 
@@ -39,14 +39,13 @@ THRESHOLD = 0.5  # upstream: sigmoid >= 0.5 per channel
 DEFAULT_WINDOW = (128, 128, 128)
 
 
-def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings | None" = None,
+def load(card: "ModelCard", files: Mapping[str, Path], *, settings: RunSettings | None = None,
          tasks: Sequence["TaskCard"] = ()) -> Any:
     """The Hermes network (EMA weights) from the cached checkpoint, with the card's window."""
     from unisegcli.models.hermes import load_hermes
 
     if settings is not None:
-        for task in tasks:  # a wrong --modality fails before the weights are read
-            modality_id(task, settings)
+        check(card, tasks, settings)
     net = load_hermes(files["checkpoint"])
     net.window_zyx = window_of(card)  # type: ignore[assignment]
     return net
@@ -90,18 +89,24 @@ def task_table(card: "ModelCard") -> tuple[list[str], list[list[str]]]:
     return columns, rows
 
 
-def modality_id(task: "TaskCard", settings: "RunSettings") -> int:
+def modality_id(task: "TaskCard", settings: RunSettings) -> int:
     """The dataset's modality id; CHAOS takes ``--modality t1|t2`` (default t1)."""
     ids = task.extra.get("modality_ids")
-    chosen = (settings.modality or "").strip().lower()
+    chosen = (settings.option("modality") or "").strip().lower()
     if ids and chosen:
         if chosen not in ids:
             raise UsageError(
-                f"--modality {settings.modality} does not apply to '{task.name}'; expected one of "
+                f"--modality {settings.option('modality')} does not apply to '{task.name}'; expected one of "
                 f"{', '.join(sorted(ids))} for dataset {task.extra.get('dataset')}. Leave it out for {next(iter(ids))}."
             )
         return int(ids[chosen])
     return int(task.extra["modality_id"])
+
+
+def check(card: "ModelCard", tasks: Sequence["TaskCard"], settings: RunSettings) -> None:
+    """A wrong --modality fails before the weights are read."""
+    for task in tasks:
+        modality_id(task, settings)
 
 
 def dataset_groups(tasks: Sequence["TaskCard"]) -> list[list["TaskCard"]]:
@@ -122,7 +127,7 @@ def predict(
     tasks: Sequence["TaskCard"],
     net: Any,
     *,
-    settings: "RunSettings",
+    settings: RunSettings,
     device: "torch.device",
     progress: Any = None,
     warn: Any = None,
@@ -152,11 +157,12 @@ def predict(
             volume, net, tokens, modality,
             window=window,
             batch_size=_batch_size(net, tokens, modality, window, settings, device),
-            gaussian=bool(settings.gaussian),
+            gaussian=bool(settings.option("gaussian")),
             tta=settings.tta,
             precision=settings.precision,
             progress=share_progress(progress, number, len(groups)),
             keep=keep,
+            accumulator_device=settings.accumulator_device,
         )
         del volume
         for channel, task in enumerate(group):
@@ -167,12 +173,31 @@ def predict(
 
 
 def _batch_size(net: Any, tokens: Sequence[int], modality: int, window: Sequence[int],
-                settings: "RunSettings", device: "torch.device") -> int:
-    """--batch-size, else 1 on CPU and what fits on CUDA (the engine's probe)."""
-    if settings.batch_size is not None:
-        return int(settings.batch_size)
-    from unisegcli.inference.engine import Head, auto_batch_size
+                settings: RunSettings, device: "torch.device") -> int:
+    """The engine's batch-size policy for a token-bound Hermes forward."""
+    from unisegcli.inference.engine import Head, batch_size_for
     from unisegcli.models.hermes.inference import TokenBoundNet
 
-    return auto_batch_size(TokenBoundNet(net, tokens, modality), window, 1, [Head(None, None)], device,
-                           settings.precision)
+    return batch_size_for(TokenBoundNet(net, tokens, modality), window, 1, [Head(None, None)], device,
+                          precision=settings.precision, requested=settings.batch_size)
+
+
+class HermesFamily(ModelFamily):
+    """Hermes: structures by name, one forward per dataset; ``--step`` does not apply."""
+
+    name = "hermes"
+    options = (
+        FamilyOption("gaussian", bool, False, "Gaussian weighting of overlapping windows (Hermes averages "
+                                              "plainly by default)."),
+        FamilyOption("modality", str, None, "CHAOS MR structures: t1 (default) or t2."),
+    )
+    engine_options = frozenset({"tta", "batch_size", "precision"})
+
+    load = staticmethod(load)  # type: ignore[assignment]
+    predict = staticmethod(predict)  # type: ignore[assignment]
+    resolve_tasks = staticmethod(resolve_tasks)  # type: ignore[assignment]
+    task_table = staticmethod(task_table)  # type: ignore[assignment]
+    check = staticmethod(check)  # type: ignore[assignment]
+
+
+FAMILY = HermesFamily()

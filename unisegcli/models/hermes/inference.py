@@ -107,11 +107,13 @@ def predict_volume(
     precision: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     keep: Sequence[int] | None = None,
+    accumulator_device: "str | torch.device | None" = None,
 ) -> "torch.Tensor":
     """Mean sigmoid probabilities [T, Z, Y, X] of a [1, Z, Y, X] volume (see module docstring).
 
     keep: output channels to accumulate and return (positions in ``task_indices``); every
-    forward still carries the whole token list. None keeps all.
+    forward still carries the whole token list. None keeps all. accumulator_device: where the
+    sums live (None: the volume's device; "cpu" after a CUDA out-of-memory).
     """
     import torch
 
@@ -128,7 +130,7 @@ def predict_volume(
     parts = [
         _predict_chunk(volume[:, lo:hi], net, task_indices, modality_index, window=window,
                        batch_size=batch_size, gaussian=gaussian, tta=tta, precision=precision, report=report,
-                       keep=keep)
+                       keep=keep, store=accumulator_device)
         for lo, hi in _chunks(int(volume.shape[1]))
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -136,7 +138,8 @@ def predict_volume(
 
 def _predict_chunk(volume: "torch.Tensor", net: Any, task_indices: Sequence[int], modality_index: int, *,
                    window: Sequence[int], batch_size: int, gaussian: bool, tta: bool, precision: str,
-                   report: Callable[[int], None], keep: Sequence[int] | None = None) -> "torch.Tensor":
+                   report: Callable[[int], None], keep: Sequence[int] | None = None,
+                   store: "str | torch.device | None" = None) -> "torch.Tensor":
     import torch
 
     from unisegcli.inference.engine import autocast_dtype, mirror_combinations, predict_windows
@@ -150,12 +153,13 @@ def _predict_chunk(volume: "torch.Tensor", net: Any, task_indices: Sequence[int]
         pads = [p for s, q in reversed(list(zip(size, padded))) for p in (0, q - s)]
         volume = torch.nn.functional.pad(volume, pads, mode="constant", value=0.0)
     device = volume.device
+    store = torch.device(store) if store is not None else device
     bound = TokenBoundNet(net, task_indices, modality_index)
-    weight = gaussian_importance(patch, dtype=torch.float32, device=device) if gaussian else None
+    weight = gaussian_importance(patch, dtype=torch.float32, device=store) if gaussian else None
     autocast = autocast_dtype(precision, device)
     flips = mirror_combinations() if tta else [()]
     acc: torch.Tensor | None = None
-    counts = torch.zeros(padded, dtype=torch.float32, device=device)
+    counts = torch.zeros(padded, dtype=torch.float32, device=store)
     with torch.inference_mode():
         for start in range(0, len(windows), max(1, int(batch_size))):
             batch = windows[start:start + max(1, int(batch_size))]
@@ -164,8 +168,9 @@ def _predict_chunk(volume: "torch.Tensor", net: Any, task_indices: Sequence[int]
                                        activation="sigmoid")
             if keep is not None:
                 probs = probs[:, list(keep)]
+            probs = probs.to(store)
             if acc is None:
-                acc = torch.zeros((probs.shape[1], *padded), dtype=torch.float32, device=device)
+                acc = torch.zeros((probs.shape[1], *padded), dtype=torch.float32, device=store)
             for j, (sl, times) in enumerate(batch):
                 if weight is None:
                     acc[(slice(None),) + sl] += probs[j] * times

@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from unisegcli.errors import UsageError
-from unisegcli.models.families import share_progress
+from unisegcli.models.families import FamilyOption, ModelFamily, RunSettings, share_progress
 
 if TYPE_CHECKING:
     import torch
 
-    from unisegcli.api import RunSettings
     from unisegcli.io.cases import LoadedCase
     from unisegcli.weights.cards import ModelCard, TaskCard
     from unisegcli.models.nnunet.folder import ResultsFolder
@@ -169,7 +168,7 @@ def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings
     model = NnunetModel()
     for part in wanted:
         folder = _part_folder(card, files, part)
-        folds = select_folds(folder, settings.folds if settings is not None else None)
+        folds = select_folds(folder, settings.option("folds") if settings is not None else None)
         model.parts[part] = PartModel(folder, [load_fold(folder, f) for f in folds])
     return model
 
@@ -198,7 +197,6 @@ def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settin
     """Preprocess, sliding window (folds averaged) -> (logits [K, z, y, x], Prepared)."""
     import torch
 
-    from unisegcli.inference.engine import Head, auto_batch_size
     from unisegcli.models.nnunet.network import FoldAverage, SliceNetwork
     from unisegcli.models.nnunet.pipeline import preprocess_case
 
@@ -206,7 +204,7 @@ def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settin
         for fold in part.folds:
             fold.network.to(device)
         part.device = str(device)
-    exact = bool(settings.nnunet_exact)
+    exact = bool(settings.option("nnunet_exact"))
     # float64 resampling = scipy's numbers (nnU-Net resamples in float64); float32 is within 1e-5
     prepared = preprocess_case(image, loaded.scan.spacing_mm, loaded.scan, part.folder, device,
                                compute_dtype=torch.float64 if exact else None)
@@ -220,15 +218,12 @@ def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settin
     if two_d and axes is not None:
         axes = tuple(a + 1 for a in axes)  # 2D mirroring axes count in the slice
     tta = bool(settings.tta) and bool(axes)
-    options = dict(step=settings.step, tta=tta, mirror_axes=axes or (0, 1, 2), precision=settings.precision,
-                   accumulation="fp16" if exact else "fp32",
-                   gaussian=True if settings.gaussian is None else bool(settings.gaussian))
+    options = dict(step=settings.step_or_default, tta=tta, mirror_axes=axes or (0, 1, 2),
+                   precision=settings.precision, accumulation="fp16" if exact else "fp32",
+                   gaussian=bool(settings.option("gaussian")), accumulator_device=settings.accumulator_device)
     runs = [[p] for p in predictors] if exact else [predictors]  # exact: fold by fold, as nnU-Net
-    if exact:  # nnU-Net predicts window by window; batched convolutions round differently
-        batch = 1
-    else:
-        batch = settings.batch_size or auto_batch_size(
-            predictors[0], patch, prepared.tensor.shape[0], [Head(None, None)], device, settings.precision)
+    # exact: nnU-Net predicts window by window; batched convolutions round differently
+    batch = 1 if exact else settings.batch_size
     logits = None
     for number, group in enumerate(runs):
         net = group[0] if len(group) == 1 else FoldAverage(group)
@@ -267,3 +262,23 @@ def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: NnunetModel,
             label = Label(task.name, int(task.extra["label"]), tuple(region) if region else None)
             maps[task.name] = structure_mask(labels, label)
     return maps
+
+
+class NnunetFamily(ModelFamily):
+    """nnU-Net v2 results folders (``nnunet:<folder>``, imported models, TotalSegmentator)."""
+
+    name = "nnunet"
+    options = (
+        FamilyOption("folds", tuple, None, "Folds to average (default: every trained fold)."),
+        FamilyOption("nnunet_exact", bool, False, "Accumulate windows in float16 exactly as nnU-Net does."),
+        FamilyOption("gaussian", bool, True, "Gaussian weighting of overlapping windows (nnU-Net's default)."),
+    )
+
+    load = staticmethod(load)  # type: ignore[assignment]
+    predict = staticmethod(predict)  # type: ignore[assignment]
+    task_table = staticmethod(task_table)  # type: ignore[assignment]
+    needed_roles = staticmethod(needed_roles)  # type: ignore[assignment]
+    card_from_spec = staticmethod(card_from_spec)  # type: ignore[assignment]
+
+
+FAMILY = NnunetFamily()

@@ -12,7 +12,7 @@
   probabilities mapped back to the scan's grid before the 0.5 threshold.
   Overlapping structures stay in separate files: every prompt is its own task.
 
-A card may set ``network.placement = "nnunet"`` for nnU-Net's evenly spread windows instead.
+The family option ``placement="nnunet"`` selects nnU-Net's evenly spread windows instead.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from unisegcli.errors import UnknownTaskError, UsageError
+from unisegcli.models.families import FamilyOption, ModelFamily, RunSettings
 from unisegcli.models.sat import vocabulary
 
 if TYPE_CHECKING:
     import torch
 
-    from unisegcli.api import RunSettings
     from unisegcli.io.cases import LoadedCase
     from unisegcli.weights.cards import ModelCard, TaskCard
 
@@ -110,20 +110,15 @@ def needed_roles(card: "ModelCard", tasks: Sequence["TaskCard"]) -> set[str]:
     return roles if _needs_text_tower(card, tasks) else roles - set(TEXT_ROLES)
 
 
-def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings | None" = None,
+def load(card: "ModelCard", files: Mapping[str, Path], *, settings: RunSettings | None = None,
          tasks: Sequence["TaskCard"] = ()) -> Any:
     """SAT on the CPU: the segmentation network, the prepared embedding table if there is one,
     and the text encoder only when some prompt is not in the table."""
     from unisegcli.models.sat.embeddings import cached_table
     from unisegcli.models.sat.loader import load_sat
 
-    if settings is not None and settings.modality:  # a bad --modality fails before the weights load
-        modality = checked_modality(settings.modality)
-        for task in tasks:
-            problem = None if task.extra.get("free_text") else vocabulary.modality_problem(
-                task.name, task.extra.get("modalities", ()), modality, card.name)
-            if problem:
-                raise UnknownTaskError(problem)
+    if settings is not None:
+        check(card, tasks, settings)
     network = dict(card.network or {})
     window = tuple(network.get("window", DEFAULT_WINDOW))
     text = files.get("text_encoder") if (not tasks or _needs_text_tower(card, tasks)) else None
@@ -131,9 +126,20 @@ def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings
     net = load_sat(files["checkpoint"], text, tokenizer_dir=tokenizer.parent if tokenizer else None, window=window)
     net.embedding_table = cached_table(card)
     net.max_queries = int(network.get("max_queries", DEFAULT_MAX_QUERIES))
-    net.placement = str(network.get("placement", "sat"))
     net.model_name = card.name
     return net
+
+
+def check(card: "ModelCard", tasks: Sequence["TaskCard"], settings: RunSettings) -> None:
+    """A bad --modality, or a prompt of another modality, fails before the weights load."""
+    if not settings.option("modality"):
+        return
+    modality = checked_modality(settings.option("modality"))
+    for task in tasks:
+        problem = None if task.extra.get("free_text") else vocabulary.modality_problem(
+            task.name, task.extra.get("modalities", ()), modality, card.name)
+        if problem:
+            raise UnknownTaskError(problem)
 
 
 def checked_modality(value: str) -> str:
@@ -146,12 +152,12 @@ def checked_modality(value: str) -> str:
     return modality
 
 
-def run_modality(loaded: "LoadedCase", image: np.ndarray, settings: "RunSettings", warn: Any) -> str:
+def run_modality(loaded: "LoadedCase", image: np.ndarray, settings: RunSettings, warn: Any) -> str:
     """--modality (merged as SAT does), else a guess from the intensities with a warning."""
     from unisegcli.models.sat.pipeline import guess_modality
 
-    if settings.modality:
-        return checked_modality(settings.modality)
+    if settings.option("modality"):
+        return checked_modality(settings.option("modality"))
     modality = guess_modality(image)
     if warn is not None:
         warn(loaded.case.case_id, f"no --modality given; guessed '{modality}' from the intensity range "
@@ -205,7 +211,7 @@ class WindowPredictor:
         return self.net.segmenter(self.groups, x.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
 
 
-def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: "RunSettings",
+def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
             device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
     """{task name: uint8 [Z, Y, X] 0/1 map} in the scan's (RAS) grid; see the module docstring."""
     import torch
@@ -222,9 +228,9 @@ def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, sett
     queries = queries_for(net, tasks, modality, getattr(net, "model_name", "sat-nano"))
     prep = prepare(image, loaded.scan.spacing_mm, modality)
     patch = tuple(reversed(net.config.window))  # (z, y, x)
-    placement = placement_named(getattr(net, "placement", "sat"))
+    placement = placement_named(settings.option("placement"))
     padded = [max(s, p) for s, p in zip(prep.volume.shape[1:], patch)]
-    n_windows = len(window_slices(padded, patch, settings.step, placement))
+    n_windows = len(window_slices(padded, patch, settings.step_or_default, placement))
     message = cpu_warning(device, net.config.window, n_windows, len(tasks))
     if message and warn is not None:
         warn(loaded.case.case_id, message)
@@ -232,18 +238,18 @@ def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, sett
     max_q = int(getattr(net, "max_queries", DEFAULT_MAX_QUERIES))
     groups = [g.to(device) for g in split_queries(queries, max_q)]
     volume = torch.from_numpy(prep.volume).to(device)
-    batch = settings.batch_size or (2 if device.type == "cuda" else 1)
     with torch.inference_mode():
         probabilities = sliding_window(
-            volume, WindowPredictor(net, groups), patch, step=settings.step, batch_size=batch, tta=settings.tta,
-            precision=settings.precision, activation="sigmoid",
-            gaussian=blending_weights(patch) if settings.gaussian in (None, True) else False,
-            placement=placement, progress=progress,
+            volume, WindowPredictor(net, groups), patch, step=settings.step_or_default,
+            batch_size=settings.batch_size, tta=settings.tta, precision=settings.precision, activation="sigmoid",
+            gaussian=blending_weights(patch) if settings.option("gaussian") else False, progress=progress,
+            accumulator_device=settings.accumulator_device, placement=placement,
         )[0]
         return {task.name: restore_mask(probabilities[i], prep) for i, task in enumerate(tasks)}
 
 
-def prepare(card: "ModelCard", *, offline: bool = False, quiet: bool = False, progress: Any = None) -> Path:
+def prepare(card: "ModelCard", *, offline: bool = False, download_progress: Any = None,
+            progress: Any = None) -> Path:
     """`uniseg weights prepare`: embed the whole vocabulary once with the paired text encoder
     and cache the table next to the model's files (see ``embeddings``). Returns its path."""
     from unisegcli.weights import cache
@@ -251,7 +257,7 @@ def prepare(card: "ModelCard", *, offline: bool = False, quiet: bool = False, pr
     from unisegcli.models.sat.embeddings import compute_table, encoder_source, save_table, table_path
     from unisegcli.models.sat.loader import SatModel, load_text_encoder
 
-    files = ensure_model(card, offline=offline, quiet=quiet,
+    files = ensure_model(card, offline=offline, progress=download_progress,
                          roles={f.role for f in card.files if f.role in TEXT_ROLES})
     encoder = load_text_encoder(files["text_encoder"])
     model = SatModel(None, encoder, files["tokenizer"].parent)  # type: ignore[arg-type]
@@ -261,3 +267,27 @@ def prepare(card: "ModelCard", *, offline: bool = False, quiet: bool = False, pr
         table = compute_table(model, source=encoder_source(card), progress=progress)
     with cache.model_lock(card):
         return save_table(table, table_path(card))
+
+
+class SatFamily(ModelFamily):
+    """SAT: text prompts over SAT's vocabulary, one mask each."""
+
+    name = "sat"
+    options = (
+        FamilyOption("modality", str, None, "ct, mri or pet: the scan's modality (default: guessed from the "
+                                            "intensities, with a warning)."),
+        FamilyOption("gaussian", bool, True, "Gaussian weighting of overlapping windows (SAT's default)."),
+        FamilyOption("placement", str, "sat", "Window positions: sat (upstream's split_3d, the default) or "
+                                              "nnunet (evenly spread).", choices=("sat", "nnunet")),
+    )
+
+    load = staticmethod(load)  # type: ignore[assignment]
+    predict = staticmethod(predict)  # type: ignore[assignment]
+    resolve_tasks = staticmethod(resolve_tasks)  # type: ignore[assignment]
+    task_table = staticmethod(task_table)  # type: ignore[assignment]
+    needed_roles = staticmethod(needed_roles)  # type: ignore[assignment]
+    check = staticmethod(check)  # type: ignore[assignment]
+    prepare = staticmethod(prepare)  # type: ignore[assignment]
+
+
+FAMILY = SatFamily()

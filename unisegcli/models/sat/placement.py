@@ -53,7 +53,7 @@ PLACEMENTS = {"sat": SAT_PLACEMENT, "nnunet": None}  # None: the engine's defaul
 
 
 def placement_named(name: str) -> Placement | None:
-    """The placement a card's ``network.placement`` names: "sat" (default) or "nnunet"."""
+    """The placement the family option ``placement`` names: "sat" (default) or "nnunet"."""
     if name not in PLACEMENTS:
         raise ValueError(f"unknown SAT window placement {name!r}; expected one of {', '.join(PLACEMENTS)}")
     return PLACEMENTS[name]

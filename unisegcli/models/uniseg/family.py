@@ -1,5 +1,7 @@
 """The UniSeg family (``models.families``): load the prompt-driven network, predict label maps.
 
+No family options: UniSeg blends Gaussian-weighted softmax probabilities as nnU-Net v1 does.
+
 Tasks that share channels run in one predictor pass (``inference.predictor.predict_case``:
 one preprocessing per channel group, one encoder pass per window for all its tasks).
 """
@@ -12,12 +14,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from unisegcli.io.cases import LoadedCase, channel_groups, task_channels
-from unisegcli.models.families import share_progress, warn_about_input
+from unisegcli.models.families import ModelFamily, RunSettings, share_progress, warn_about_input
 
 if TYPE_CHECKING:
     import torch
 
-    from unisegcli.api import RunSettings
     from unisegcli.weights.cards import ModelCard, TaskCard
 
 
@@ -35,7 +36,7 @@ def prefer_channels_last(net: Any, device: "torch.device") -> None:
         net.use_channels_last(wanted)
 
 
-def load(card: "ModelCard", files: Mapping[str, Path], *, settings: "RunSettings | None" = None,
+def load(card: "ModelCard", files: Mapping[str, Path], *, settings: RunSettings | None = None,
          tasks: Sequence["TaskCard"] = ()) -> Any:
     """The UniSeg network from the cached checkpoint (and plans, for v1 checkpoints)."""
     from unisegcli.models import load_uniseg
@@ -48,7 +49,7 @@ def predict(
     tasks: Sequence["TaskCard"],
     net: Any,
     *,
-    settings: "RunSettings",
+    settings: RunSettings,
     device: "torch.device",
     progress: Any = None,
     warn: Any = None,
@@ -69,9 +70,22 @@ def predict(
             net,
             device=device,
             batch_size=settings.batch_size,
-            step=settings.step,
+            step=settings.step_or_default,
             tta=settings.tta,
             precision=settings.precision,
+            accumulator_device=settings.accumulator_device,
             progress=share_progress(progress, number, len(groups)),
         ))
     return label_maps
+
+
+class UniSegFamily(ModelFamily):
+    """UniSeg: every engine option, no options of its own."""
+
+    name = "uniseg"
+
+    load = staticmethod(load)  # type: ignore[assignment]
+    predict = staticmethod(predict)  # type: ignore[assignment]
+
+
+FAMILY = UniSegFamily()

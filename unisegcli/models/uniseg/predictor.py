@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from unisegcli.errors import UsageError
-from unisegcli.inference.engine import Head, Progress, auto_batch_size, resolve_device, sliding_window
+from unisegcli.inference.engine import Head, Progress, resolve_device, sliding_window
 from unisegcli.inference.tiling import compute_steps, padding_for_patch
 from unisegcli.postprocessing.restore import restore_label_map
 from unisegcli.preprocessing.crop import nonzero_bbox
@@ -68,14 +68,16 @@ def predict_case(
     precision: str = "auto",
     progress: Progress | None = None,
     patch_size: Sequence[int] | None = None,
+    accumulator_device: "str | torch.device | None" = None,
 ) -> dict[str, np.ndarray]:
     """Label maps of every task for one scan, in the scan's own grid.
 
     image_czyx: [C, Z, Y, X] array, channels in the task cards' order, intensities in
     scanner units; spacing_mm: (z, y, x). net: UniSeg-like (``encode``/``decode``) or
     ``net(x, task_index)``; moved to ``device`` and put in eval mode. batch_size: windows
-    per forward (None: 1 on CPU, measured from free memory on CUDA, see auto_batch_size).
-    progress(done, total) counts windows over all groups.
+    per forward (None: the engine's policy, ``engine.batch_size_for``). accumulator_device:
+    where the blended probabilities live (None: ``device``). progress(done, total) counts
+    windows over all groups.
 
     Returns {task name: uint8 [Z, Y, X] label map (0 = background, 1..n_k-1 = the card's
     labels)}. A channel mismatch raises ChannelError; an unavailable device DeviceError.
@@ -109,8 +111,6 @@ def predict_case(
 
         volume, trace = preprocess(image_czyx, spacing_mm, group[0], torch_device, bbox=bbox)
         heads = [Head(t.index, t.num_classes) for t in group]
-        if batch_size is None:  # measured once per run on CUDA, 1 on CPU
-            batch_size = auto_batch_size(net, patch, volume.shape[0], heads, torch_device, precision)
         probabilities = sliding_window(
             volume,
             net,
@@ -122,6 +122,7 @@ def predict_case(
             precision=precision,
             activation="softmax",
             progress=report,
+            accumulator_device=accumulator_device,
         )
         del volume
         for task, probs in zip(group, probabilities):

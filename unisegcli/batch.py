@@ -1,0 +1,183 @@
+"""A batch run of a Segmenter over files: discovery, shards, resume markers, per-case failures.
+
+Order of work: the inputs, the shard and the output folder are checked before the weights are
+loaded; a single case is also read before, so a bad scan fails fast with its own exit code.
+Cases then run read -> predict (all tasks of a case in one pass) -> write, while the next
+case is read on a background thread. One case writes into ``OUT/``; several into
+``OUT/<case_id>/``. In a batch, a failing case is logged to ``OUT/failures.jsonl`` and the
+others go on; a single case raises its error.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
+
+from unisegcli.errors import InputNotFoundError, UnisegError
+from unisegcli.io.cases import LoadedCase, read_case, task_channels
+from unisegcli.io.discovery import CaseInput, discover
+from unisegcli.io.nifti import check_output_dir
+from unisegcli.io.sharding import parse_shard, select_shard
+from unisegcli.outputs import markers
+from unisegcli.results import CaseFailure, CaseResult, Result
+
+if TYPE_CHECKING:
+    from unisegcli.session import Segmenter
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What to segment and where: ``Segmenter.run``'s arguments."""
+
+    inputs: Sequence[str | Path]
+    output: Path
+    input_list: str | Path | None = None
+    channels: tuple[str, ...] = ()
+    series_uid: str | None = None
+    shard: str | None = None
+    overwrite: bool = False
+    stdin: TextIO | None = None
+
+
+@dataclass
+class Planned:
+    """A case to run: its output folder and the done-marker record it will write."""
+
+    case: CaseInput
+    folder: Path
+    record: dict[str, Any]
+
+
+def run_batch(segmenter: "Segmenter", request: BatchRequest) -> Result:
+    """Run every case of ``request`` (see the module docstring); returns the Result."""
+    events = segmenter.events
+    shard_spec = parse_shard(request.shard)
+    all_cases = discover(list(request.inputs), input_list=request.input_list, channels=request.channels,
+                         channels_needed=max(len(t.channels) for t in segmenter.tasks), stdin=request.stdin)
+    cases = select_shard(all_cases, shard_spec)
+    single = len(all_cases) == 1
+    out_root = check_output_dir(Path(request.output))
+    result = Result(model=segmenter.card, tasks=tuple(segmenter.tasks), device=str(segmenter.device),
+                    output=out_root)
+    todo, blocked = _plan(segmenter, request, cases, all_cases=all_cases, single=single, result=result)
+    first: LoadedCase | None = None
+    if todo and single:  # read (and check the channels of) a single case before the weights load
+        first = read_case(todo[0].case, request.series_uid)
+        for task in segmenter.tasks:
+            task_channels(first, task)
+    if todo:
+        segmenter.load()
+    events.run_started(segmenter.card, segmenter.tasks, cases, str(segmenter.device))
+    for case, exc in blocked:
+        _record_failure(result, events, out_root, case, exc)
+    try:
+        _run_cases(segmenter, todo, first, request.series_uid, None if single else out_root, result)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        events.run_finished(result)
+        raise
+    events.run_finished(result)
+    return result
+
+
+def _plan(segmenter: "Segmenter", request: BatchRequest, cases: Sequence[CaseInput], *,
+          all_cases: Sequence[CaseInput], single: bool,
+          result: Result) -> tuple[list[Planned], list[tuple[CaseInput, UnisegError]]]:
+    """Cases to run, and cases that cannot run (an output would replace an input, an input
+    vanished); skips cases an earlier run finished. A single case raises instead."""
+    from unisegcli.outputs.writer import check_inputs_spared, output_names, select_structures
+
+    structures = select_structures(segmenter.outputs.structures, [s for t in segmenter.tasks for s in t.structures])
+    names = list(output_names(structures, segmenter.outputs).values())
+    every_input = [p for case in all_cases for p in case.paths]
+    options = segmenter.marker_options()
+    card = segmenter.card
+    todo: list[Planned] = []
+    blocked: list[tuple[CaseInput, UnisegError]] = []
+    for case in cases:
+        folder = result.output if single else result.output / case.case_id
+        try:
+            check_inputs_spared(folder, names, every_input)
+            record = _marker_record(card.name, card.version, [t.name for t in segmenter.tasks], options, case)
+        except UnisegError as exc:
+            if single:
+                raise
+            blocked.append((case, exc))  # recorded as failed once the run has started
+            continue
+        if not request.overwrite and markers.is_done(folder, record):
+            result.skipped.append(case.case_id)
+            segmenter.events.case_skipped(case, folder)
+            continue
+        todo.append(Planned(case, folder, record))
+    return todo, blocked
+
+
+def _marker_record(model: str, version: str, tasks: list[str], options: dict[str, Any],
+                   case: CaseInput) -> dict[str, Any]:
+    try:
+        return markers.marker_record(model, version, tasks, options, case.paths)
+    except OSError as exc:  # the input vanished or cannot be read: this case fails, not the run
+        raise InputNotFoundError(
+            f"input '{case.path}' of case '{case.case_id}' cannot be read ({exc.strerror or exc}); "
+            "expected an existing file. Check the path in the input list."
+        ) from None
+
+
+def _run_cases(segmenter: "Segmenter", todo: Sequence[Planned], first: LoadedCase | None,
+               series_uid: str | None, cohort_folder: Path | None, result: Result) -> None:
+    """Run each case; the next case is read on a background thread meanwhile."""
+    if not todo:
+        return
+    events = segmenter.events
+
+    def load(case: CaseInput) -> LoadedCase:
+        return first if first is not None and first.case == case else read_case(case, series_uid)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="uniseg-read") as pool:
+        pending: Future[LoadedCase] = pool.submit(load, todo[0].case)
+        for number, planned in enumerate(todo, start=1):
+            current = pending
+            if number < len(todo):
+                pending = pool.submit(load, todo[number].case)
+            events.case_started(planned.case, number, len(todo))
+            started = time.perf_counter()
+            try:
+                case_result = _one_case(segmenter, current.result(), planned, cohort_folder)
+            except UnisegError as exc:
+                if cohort_folder is None:
+                    raise
+                _record_failure(result, events, result.output, planned.case, exc)
+                continue
+            case_result.seconds = time.perf_counter() - started
+            result.cases.append(case_result)
+            events.case_done(case_result)
+
+
+def _one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
+              cohort_folder: Path | None) -> CaseResult:
+    """Predict and write one case (all-or-nothing), then mark it done."""
+    started = time.perf_counter()
+    markers.clear_marker(planned.folder)
+    segmentation = segmenter.segment_case(loaded)
+    written = segmentation.save(planned.folder, cohort_folder=cohort_folder)
+    markers.write_marker(planned.folder, planned.record, written.files)
+    return CaseResult(
+        case_id=loaded.case.case_id,
+        input_path=loaded.case.path,
+        output_dir=planned.folder,
+        masks=dict(written.masks),
+        volumes_ml=dict(written.volumes_ml),
+        seconds=time.perf_counter() - started,
+        files=list(written.files),
+    )
+
+
+def _record_failure(result: Result, events: Any, out_root: Path, case: CaseInput, exc: UnisegError) -> None:
+    failure = CaseFailure(case.case_id, case.path, type(exc).__name__, str(exc), int(exc.exit_code))
+    result.failures.append(failure)
+    markers.log_failure(out_root, {"case_id": case.case_id, "input": str(case.path), "error": failure.error,
+                                   "message": failure.message, "exit_code": failure.exit_code})
+    events.case_failed(failure)

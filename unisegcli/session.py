@@ -1,0 +1,233 @@
+"""``Segmenter``: resolve the model, tasks, options and device once, load the network once, then
+segment many scans — in memory (``predict``) or as a batch of files (``run``).
+
+    with Segmenter("uniseg", "liver,kidney", device="cuda") as seg:   # weights load once
+        result = seg.predict(nib.load("scan.nii.gz"))                   # in memory
+        result.masks["liver"]                                            # uint8, input geometry
+        seg.run(["scans/"], "out/")                                      # batch, resume, shards
+
+Everything cheap that can be wrong (model, tasks, family options, output options, device,
+precision) is checked in ``__init__``; the weights load on first use (``load()``), so a batch
+run checks its inputs and output folder first. ``close()`` frees the network and restores the
+torch settings the Segmenter changed (CPU threads).
+
+On a CUDA out-of-memory (``torch.OutOfMemoryError``) a case is predicted again with the
+accumulators in host memory, then with one window per forward, and only then fails with a
+``DeviceError`` that names ``--device cpu`` (nnU-Net's predictor retries on the CPU the same
+way); ``Events.case_retry`` reports each retry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TextIO
+
+from unisegcli.errors import DeviceError
+from unisegcli.events import Events
+from unisegcli.models.families import RunSettings, family
+from unisegcli.outputs.writer import OutputOptions, select_structures
+from unisegcli.results import Result, Segmentation
+from unisegcli.settings import EngineOptions
+from unisegcli.weights.resolver import get_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from unisegcli.io.cases import LoadedCase
+
+
+class Segmenter:
+    """One model with its tasks and settings, loaded once, for many scans (see the module)."""
+
+    def __init__(
+        self,
+        model: str = "uniseg",
+        tasks: str | Sequence[str] = "",
+        *,
+        device: str | None = None,
+        engine: EngineOptions | None = None,
+        options: Mapping[str, Any] | None = None,
+        outputs: OutputOptions | None = None,
+        offline: bool = False,
+        events: Events | None = None,
+        network: Any = None,
+    ) -> None:
+        """model: a registry name, an imported model or ``nnunet:<folder>``. tasks: "liver,kidney"
+        or a list. device: overrides ``engine.device``. options: the family's own options (e.g.
+        ``{"modality": "ct"}`` for SAT; an option the family does not declare is a UsageError).
+        network: an already built network to use instead of loading the weights."""
+        engine = engine or EngineOptions()
+        if device is not None:
+            engine = replace(engine, device=device)
+        engine.check()
+        self.engine = engine
+        self.outputs = outputs or OutputOptions()
+        self.outputs.check()
+        self.events = events or Events()
+        self.offline = offline
+        self.card = get_model(model)
+        self.family = family(self.card.family)
+        self.tasks = self.family.resolve_tasks(self.card, tasks)
+        self.settings: RunSettings = self.family.settings(
+            options, batch_size=engine.batch_size, step=engine.step, tta=engine.tta, precision=engine.precision,
+            accumulator_device=engine.accumulator_device)
+        select_structures(self.outputs.structures, [s for t in self.tasks for s in t.structures])
+        self.device = _resolve_device(engine)
+        self.family.check(self.card, self.tasks, self.settings)
+        self._network = network
+        self.loads = 0  # how many times the weights were loaded (once, or 0 with ``network``)
+        self._threads_before: int | None = None
+        if engine.threads:
+            import torch
+
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(int(engine.threads))
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def load(self) -> Any:
+        """The network, loading the weights on first use (downloading them unless offline)."""
+        if self._network is None:
+            self._network = load_network(self)
+            self.loads += 1
+        return self._network
+
+    def close(self) -> None:
+        """Drop the network, free cached GPU memory and restore torch's thread count."""
+        self._network = None
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        if self._threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- work -----------------------------------------------------------------------------
+
+    def predict(self, image: Any, affine: Any = None, *, case_id: str = "case") -> Segmentation:
+        """Segment one scan in memory: a path, a nibabel image, a numpy array [i, j, k] with its
+        4x4 ``affine``, or a mapping channel -> any of these. Nothing is written."""
+        from unisegcli.io.cases import case_in_memory
+
+        started = time.perf_counter()
+        loaded = case_in_memory(image, affine, case_id=case_id)
+        read_s = time.perf_counter() - started
+        return self.segment_case(loaded, timings={"read": read_s})
+
+    def segment_case(self, loaded: "LoadedCase", *, timings: dict[str, float] | None = None) -> Segmentation:
+        """Predict every task of an already read case (the batch run's per-case step)."""
+        warnings: list[str] = []
+
+        def warn(case_id: str, message: str) -> None:
+            warnings.append(message)
+            self.events.warning(case_id, message)
+
+        started = time.perf_counter()
+        label_maps = self._predict_with_fallback(loaded, warn)
+        timings = dict(timings or {}, predict=time.perf_counter() - started)
+        return Segmentation(loaded, tuple(self.tasks), label_maps, self.outputs, warnings, timings)
+
+    def run(self, inputs: Iterable[str | Path] | str | Path, output: str | Path, *,
+            input_list: str | Path | None = None, channels: Sequence[str] = (), series_uid: str | None = None,
+            shard: str | None = None, overwrite: bool = False, stdin: TextIO | None = None) -> Result:
+        """Segment files into ``output`` (see ``unisegcli.batch``): discovery, resume markers,
+        shards, ``failures.jsonl``, the cohort statistics table and events."""
+        from unisegcli.batch import BatchRequest, run_batch
+
+        request = BatchRequest([inputs] if isinstance(inputs, (str, Path)) else list(inputs), Path(output),
+                               input_list=input_list, channels=tuple(channels), series_uid=series_uid,
+                               shard=shard, overwrite=overwrite, stdin=stdin)
+        return run_batch(self, request)
+
+    def marker_options(self) -> dict[str, Any]:
+        """The settings a done marker records: output options and the values actually used."""
+        from dataclasses import asdict
+
+        record: dict[str, Any] = {"outputs": asdict(self.outputs), "tta": self.settings.tta}
+        if "step" in self.family.engine_options:
+            record["step"] = self.settings.step_or_default
+        for name, value in self.settings.options.items():
+            record[name] = list(value) if isinstance(value, tuple) else value
+        return record
+
+    def _predict_with_fallback(self, loaded: "LoadedCase", warn: Any) -> dict[str, Any]:
+        import torch
+
+        net = self.load()
+        ladder = fallback_settings(self.settings, self.device)
+        for attempt, (reason, settings) in enumerate(ladder):
+            try:
+                return self.family.predict(loaded, self.tasks, net, settings=settings, device=self.device,
+                                           progress=self.events.windows, warn=warn if attempt == 0 else None)
+            except torch.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if attempt + 1 < len(ladder):
+                    following = ladder[attempt + 1][0]
+                    self.events.case_retry(loaded.case.case_id, "out_of_memory",
+                                           f"out of memory on {self.device}; retrying with {following}")
+                    continue
+                raise DeviceError(self._oom_message(loaded, ladder)) from None
+            except MemoryError:
+                raise DeviceError(f"out of host memory while segmenting '{loaded.case.case_id}' "
+                                  f"({loaded.scan.data.shape[1:]} voxels); expected the scan to fit. Run on a "
+                                  "machine with more memory.") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _oom_message(self, loaded: "LoadedCase", ladder: Sequence[tuple[str | None, RunSettings]]) -> str:
+        tried = ", then ".join(r for r, _ in ladder[1:] if r) or "no lighter setting left"
+        return (f"out of memory on {self.device} while segmenting '{loaded.case.case_id}' (tried {tried}); "
+                "expected the windows to fit. Run with --device cpu, or on a GPU with more memory.")
+
+
+def fallback_settings(settings: RunSettings, device: "torch.device") -> list[tuple[str | None, RunSettings]]:
+    """The out-of-memory ladder: (what changed, settings) — as given, then accumulators in host
+    memory (CUDA only), then one window per forward (unless that is what already ran)."""
+    ladder: list[tuple[str | None, RunSettings]] = [(None, settings)]
+    if device.type == "cuda" and settings.accumulator_device != "cpu":
+        ladder.append(("accumulators on the CPU", replace(settings, accumulator_device="cpu")))
+    batch_is_one = settings.batch_size == 1 or (settings.batch_size is None and device.type != "cuda")
+    if not batch_is_one:
+        ladder.append(("batch size 1", replace(ladder[-1][1], batch_size=1)))
+    return ladder
+
+
+def _resolve_device(engine: EngineOptions) -> "torch.device":
+    """--device as a torch device that exists; the precision must suit it."""
+    from unisegcli.inference.engine import autocast_dtype, resolve_device
+
+    device = resolve_device(engine.device)
+    autocast_dtype(engine.precision, device)  # bf16 on a GPU without it fails now
+    if engine.accumulator_device is not None:
+        resolve_device(engine.accumulator_device)
+    return device
+
+
+def load_network(segmenter: Segmenter) -> Any:
+    """Fetch (or find) the model's files and build its network in eval mode on the CPU.
+
+    A first use downloads the missing files (unless offline), after ``events.downloading`` has
+    shown the model's license; only the files the family needs for the tasks are fetched.
+    """
+    from unisegcli.models.families import needed_roles
+    from unisegcli.weights import cache
+    from unisegcli.weights.download import ensure_model, offline_from_env
+
+    card, events = segmenter.card, segmenter.events
+    offline = segmenter.offline or offline_from_env()
+    roles = needed_roles(card, segmenter.tasks)
+    if not offline and not card.packaged and cache.missing_files(card, roles=roles):
+        events.downloading(card)
+    files = ensure_model(card, offline=offline, progress=events.download_progress, roles=roles)
+    return segmenter.family.load(card, files, settings=segmenter.settings, tasks=segmenter.tasks)
