@@ -300,6 +300,19 @@ def _to_store(weighted: "torch.Tensor", store: "torch.device", staging: dict) ->
     return buffer
 
 
+def _padded(volume: "torch.Tensor", patch: tuple[int, ...],
+            placement: "Placement | None") -> tuple["torch.Tensor", list[tuple[int, int]]]:
+    """The [C, Z, Y, X] volume zero-padded to at least the patch, and the (low, high) pads."""
+    import torch
+
+    pads = padding_for_patch(tuple(volume.shape[1:]), patch, placement)
+    if any(lo or hi for lo, hi in pads):
+        # F.pad lists the last axis first; zeros as nnU-Net (pad_nd_image 'constant', value 0)
+        flat = [p for lo_hi in reversed(pads) for p in lo_hi]
+        volume = torch.nn.functional.pad(volume, flat, mode="constant", value=0.0)
+    return volume, pads
+
+
 def _window_weights(gaussian: "bool | torch.Tensor", patch: tuple[int, ...], dtype: "torch.dtype",
                     device: "torch.device") -> "torch.Tensor":
     """The [*patch] weights of every window: a given map, the Gaussian, or ones."""
@@ -373,11 +386,7 @@ def sliding_window(
 
     with torch.inference_mode():
         size = tuple(volume.shape[1:])
-        pads = padding_for_patch(size, patch, placement)
-        if any(lo or hi for lo, hi in pads):
-            # F.pad lists the last axis first; zeros as nnU-Net (pad_nd_image 'constant', value 0)
-            flat = [p for lo_hi in reversed(pads) for p in lo_hi]
-            volume = torch.nn.functional.pad(volume, flat, mode="constant", value=0.0)
+        volume, pads = _padded(volume, patch, placement)
         padded = tuple(volume.shape[1:])
         windows = window_slices(padded, patch, step, placement)
         gauss = _window_weights(gaussian, patch, acc_dtype, device)
