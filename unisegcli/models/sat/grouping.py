@@ -4,8 +4,8 @@ Upstream (zhaoziheng/SAT ``data/inference_dataset.py`` ``Inference_Dataset._spli
 fewer than ``max_queries`` labels make one group; otherwise consecutive groups of
 ``max_queries``, the last one shorter. Every window is run with all groups one after another
 (``evaluate/inference_engine.py``), and queries never interact in the decoder (only
-cross-attention to the image, ``model/maskformer.py``), so the grouping bounds memory and does
-not change results.
+cross-attention to the image; its self-attention is commented out in
+``model/transformer_decoder.py``), so the grouping bounds memory and does not change results.
 """
 
 from __future__ import annotations
