@@ -210,6 +210,68 @@ def test_window_starts_follow_upstream_rule():
     assert len(slices) == 2 * 3 * 2
 
 
+def upstream_windows(size_dhw, window_dhw):
+    """The window loop of yhygao/universal-medical-image-segmentation (033e16ae)
+    ``inference/inference3d.py`` ``inference_sliding_window`` with its ``split_idx``, transcribed:
+    pad short axes at the end, then i over D // half_d, j over H // half_h, k over W // half_w."""
+    def split_idx(half_win, size, i):
+        start_idx = half_win * i
+        end_idx = start_idx + half_win * 2
+        if end_idx > size:
+            start_idx = size - half_win * 2
+            end_idx = size
+        return start_idx, end_idx
+
+    D, H, W = (max(s, w) for s, w in zip(size_dhw, window_dhw))  # F.pad(img, (0, diff_W, 0, diff_H, 0, diff_D))
+    half_d, half_h, half_w = (w // 2 for w in window_dhw)
+    boxes = []
+    for i in range(D // half_d):
+        for j in range(H // half_h):
+            for k in range(W // half_w):
+                boxes.append((split_idx(half_d, D, i), split_idx(half_h, H, j), split_idx(half_w, W, k)))
+    return (D, H, W), boxes
+
+
+@pytest.mark.parametrize("size", [(128, 128, 128), (100, 200, 128), (300, 257, 191), (64, 500, 129), (600, 130, 255)])
+def test_windows_are_upstreams_in_upstreams_order(size):
+    """Issue 24: "128³ windows at stride 64 at upstream's positions", checked window for window
+    (duplicates included) against upstream's loop."""
+    padded, expected = upstream_windows(size, (128, 128, 128))
+    ours_padded, slices = hermes_windows(size, (128, 128, 128))
+    assert ours_padded == padded
+    assert [tuple((s.start, s.stop) for s in sl) for sl in slices] == expected
+
+
+class _PositionNet(torch.nn.Module):
+    """net(x, tgt_idx, mod_idx) -> (seg [B, T, *window], mod): a fixed convolution, so window
+    positions matter at window borders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x, tgt_idx, mod_idx):
+        return self.conv(x) * 4.0, None
+
+
+def test_whole_volume_equals_upstreams_plain_mean():
+    net = _PositionNet().eval()
+    size, window = (21, 40, 13), (16, 16, 16)
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(1, *size)).astype(np.float32))
+    padded, boxes = upstream_windows(size, window)
+    image = torch.nn.functional.pad(x[None], (0, padded[2] - size[2], 0, padded[1] - size[1], 0, padded[0] - size[0]))
+    total = torch.zeros((1, 2, *padded))
+    counter = torch.zeros((1, 1, *padded))
+    with torch.no_grad():
+        for (d0, d1), (h0, h1), (w0, w1) in boxes:
+            total[:, :, d0:d1, h0:h1, w0:w1] += torch.sigmoid(net(image[:, :, d0:d1, h0:h1, w0:w1], None, None)[0])
+            counter[:, :, d0:d1, h0:h1, w0:w1] += 1
+    expected = (total / counter)[0, :, :size[0], :size[1], :size[2]]
+    ours = predict_volume(x, net, [0, -1], 0, window=window)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
 def test_minus_one_is_the_last_row(tiny_net):
     seg_a, mod_a = run(tiny_net, "lits_ct")
     seg_b, mod_b = run(tiny_net, "lits_ct", tasks=[[0, 1, 72]])

@@ -4,7 +4,9 @@ The fixture covers one reader (NibabelIOWithReorient), no transpose and softmax 
 the same random-weight folder is rewritten with another reader (SimpleITKIO: file voxel
 order), a non-identity ``transpose_forward``, region training (sigmoid, regions_class_order)
 and a no-mirroring checkpoint, and nnunetv2 2.8.1's ``nnUNetPredictor`` (in this process)
-gives the reference segmentation. ``--nnunet-exact`` must reproduce it voxel for voxel.
+gives the reference segmentation. ``--nnunet-exact`` must reproduce it voxel for voxel; the
+default float32 mode is checked on a hard case (ResEnc, mirror axes (0, 1), transposed plans,
+oblique LAI input) for where and why it differs.
 
 Marked ``nnunet``: skipped when nnunetv2 (the ``nnunet`` extra) is not importable.
 """
@@ -100,11 +102,12 @@ def test_exact_mode_matches_nnunetv2_predictor(case: str, options: dict, mirror:
             np.testing.assert_array_equal(masks[name], expected == value, err_msg=name)
 
 
-def resenc_variant(tmp_path: Path) -> Path:
-    """The fixture folder with a ResidualEncoderUNet (nnU-Net's ResEnc plans) of random weights."""
+def resenc_variant(tmp_path: Path, mirror_axes: tuple[int, ...] | None = None, **options) -> Path:
+    """The fixture folder with a ResidualEncoderUNet (nnU-Net's ResEnc plans) of random weights
+    (``options``: as ``variant``; ``mirror_axes``: the checkpoint's allowed mirroring axes)."""
     from unisegcli.models.nnunet.network import build_network
 
-    folder = variant(tmp_path)
+    folder = variant(tmp_path, **options)
     plans = json.loads((folder / "plans.json").read_text())
     arch = plans["configurations"]["3d_fullres"]["architecture"]
     kwargs = dict(arch["arch_kwargs"])
@@ -118,6 +121,8 @@ def resenc_variant(tmp_path: Path) -> Path:
     path = folder / "fold_0" / "checkpoint_final.pth"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     checkpoint["network_weights"] = net.state_dict()
+    if mirror_axes is not None:
+        checkpoint["inference_allowed_mirroring_axes"] = tuple(mirror_axes)
     torch.save(checkpoint, path)
     return folder
 
@@ -191,3 +196,106 @@ def test_normalisation_schemes_match_nnunetv2(scheme: str, use_mask: bool) -> No
     np.testing.assert_array_equal(ours_mask.numpy(), mask)
     ours, _ = normalize_channel_nnunet(torch.from_numpy(image[0]), scheme, use_mask, ours_mask, properties)
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-5)
+
+
+# -- the default (float32) mode on a hard case: where and why it differs from nnU-Net ---------
+
+
+def oblique_lai(source: Path, out: Path) -> Path:
+    """The scan's voxels stored L, A, I (first and last axes flipped) under an oblique affine
+    (12 degrees about z, 7 about x), its own zooms."""
+    img = nib.load(str(source))
+    data = np.asarray(img.dataobj)[::-1, :, ::-1].copy()
+    zooms = img.header.get_zooms()[:3]
+    a, b = np.deg2rad(12.0), np.deg2rad(7.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([-zooms[0], zooms[1], -zooms[2]])
+    affine[:3, 3] = (30.0, -20.0, 80.0)
+    out_img = nib.Nifti1Image(data, affine)
+    out_img.set_qform(affine, code=1)
+    out_img.set_sform(affine, code=2)
+    nib.save(out_img, str(out))
+    assert nib.aff2axcodes(affine) == ("L", "A", "I")
+    return out
+
+
+def segment_labels(scan: Path, folder: Path, out: Path, exact: bool) -> np.ndarray:
+    """Our label map (1 liver, 2 spleen, 3 kidney) in the scan file's voxel order, mirrored."""
+    result = segment([scan], "liver,spleen,kidney", output=out, model=f"nnunet:{folder}", nnunet_exact=exact,
+                     tta=True)
+    labels = None
+    for value, name in ((1, "liver"), (2, "spleen"), (3, "kidney")):
+        mask = np.asarray(nib.load(str(result.cases[0].masks[name])).dataobj) > 0
+        labels = np.zeros(mask.shape, np.uint8) if labels is None else labels
+        labels[mask] = value
+    return labels
+
+
+def default_mode_internals(scan: Path, folder: Path, accumulation: str) -> dict[str, np.ndarray]:
+    """The default mode's steps by hand (float32 preprocessing, one fold, mirrored), with the
+    given accumulation, in the scan file's voxel order: labels, the logit margin between the
+    two best classes after export resampling, and the rim (a summed Gaussian weight < 1e-3 in
+    the network grid touches the voxel's interpolation)."""
+    from unisegcli.inference.engine import sliding_window
+    from unisegcli.inference.gaussian import summed_weight_numpy
+    from unisegcli.io.cases import read_case, task_channels
+    from unisegcli.io.discovery import discover
+    from unisegcli.models.nnunet import family
+    from unisegcli.models.nnunet.pipeline import (
+        export_segmentation, from_network_layout, preprocess_case, resample_logits,
+    )
+    from unisegcli.preprocessing.crop import insert_into_bbox
+    from unisegcli.weights.resolver import get_model
+
+    card = get_model(f"nnunet:{folder}")
+    part = family.load(card, {}, settings=family.FAMILY.settings(), tasks=card.tasks).parts[""]
+    loaded = read_case(discover([scan])[0])
+    prepared = preprocess_case(task_channels(loaded, card.tasks[0]), loaded.scan.spacing_mm, loaded.scan,
+                               part.folder)
+    patch = [int(p) for p in part.folder.configuration["patch_size"]]
+    logits = sliding_window(prepared.tensor, part.folds[0].network, patch, tta=True, mirror_axes=part.mirror_axes,
+                            accumulation=accumulation)[0]
+    logits = logits.half() if accumulation == "fp16" else logits
+
+    def to_file(network_grid: np.ndarray, outside: float) -> np.ndarray:
+        crop = prepared.trace.crop
+        full = insert_into_bbox(np.full(crop.shape_before, outside, np.float32), network_grid, crop.bbox)
+        return np.asarray(loaded.scan.reorientation.to_file(from_network_layout(full, loaded.scan, prepared.layout)))
+
+    ranked = np.sort(resample_logits(logits, prepared.trace, part.folder).float().numpy(), axis=0)
+    rim = torch.from_numpy((summed_weight_numpy(tuple(logits.shape[1:]), patch) < 1e-3).astype(np.float32))
+    rim = resample_logits(rim[None], prepared.trace, part.folder)[0].numpy()
+    labels = export_segmentation(logits, prepared, part.folder, loaded.scan)
+    return {"labels": np.asarray(loaded.scan.reorientation.to_file(labels)),
+            "margin": to_file(ranked[-1] - ranked[-2], np.inf), "rim": to_file(rim, 0.0) > 0}
+
+
+@pytest.mark.parametrize(("case", "reader", "transpose"), [
+    ("realct", "NibabelIOWithReorient", (1, 2, 0)), ("synth_lps", "SimpleITKIO", (2, 0, 1)),
+], ids=["realct-nibabel-120", "synth-simpleitk-201"])
+def test_default_mode_differs_only_where_nnunets_float16_accumulation_is_coarse(
+        case: str, reader: str, transpose: tuple[int, int, int], tmp_path: Path) -> None:
+    """ResEnc, mirror axes (0, 1), transposed plans, an oblique LAI input (issue 24 item 4).
+
+    --nnunet-exact: nnunetv2's file voxel for voxel. Default (float32 accumulation): 99.84 to
+    99.95 % on such cases; the same steps with float16 accumulation give nnunetv2's file
+    exactly, so the accumulation is the only cause, and every differing voxel is on the rim
+    (nnU-Net's float16 sums of tiny Gaussian weights are quantised there and its logits tie)
+    or a near-tie inside (logit margin < 1e-3, below nnU-Net's float16 logit resolution).
+    """
+    folder = resenc_variant(tmp_path, mirror_axes=(0, 1), reader=reader, transpose=transpose)
+    scan = oblique_lai(FIXTURE / "inputs" / f"{case}_0000.nii.gz", tmp_path / "scan_0000.nii.gz")
+    expected = reference(folder, scan, mirror=True)
+    assert len(set(np.unique(expected).tolist())) >= 2
+    np.testing.assert_array_equal(segment_labels(scan, folder, tmp_path / "exact", exact=True), expected)
+    default = segment_labels(scan, folder, tmp_path / "default", exact=False)
+    differ = default != expected
+    assert 0.998 <= 1 - differ.mean() < 1  # measured 99.84 % (realct) and 99.87 % (synth) here
+    np.testing.assert_array_equal(default_mode_internals(scan, folder, "fp16")["labels"], expected)
+    ours = default_mode_internals(scan, folder, "fp32")
+    np.testing.assert_array_equal(ours["labels"], default)
+    explained = ours["rim"] | (ours["margin"] < 1e-3)
+    assert bool(explained[differ].all())
+    assert ours["rim"][differ].mean() > 0.5  # most of them on the rim

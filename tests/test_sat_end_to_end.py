@@ -19,6 +19,8 @@ import torch
 
 from conftest import make_affine, save_nifti, use_registry
 
+from unisegcli.errors import UsageError
+
 pytest.importorskip("transformers")  # the tiny model's tokenizer (extra "sat")
 
 DATA = Path(__file__).parent / "data"
@@ -190,3 +192,33 @@ def test_cli_prepare_and_segment(tiny_sat, tmp_path, single_thread):
     assert res.exit_code == 0, res.output
     assert "ignored 12 known extra keys" in res.output  # mid_mask_embed_proj.*, at --verbose
     assert (tmp_path / "out" / "aorta.nii.gz").is_file()
+
+
+def test_sat_runs_with_upstreams_windows_and_gaussian_unless_told_otherwise(tiny_sat, tmp_path, monkeypatch,
+                                                                           single_thread):
+    """Issue 24: SAT's own window placement and float16 Gaussian are the family's defaults;
+    the ``placement`` option "nnunet" gives nnU-Net's even spread; prompts go in upstream's
+    groups of max_queries (2 here)."""
+    from unisegcli import Segmenter
+    from unisegcli.inference import engine
+    from unisegcli.models.sat.placement import SAT_PLACEMENT, blending_weights
+
+    seen = []
+    original = engine.sliding_window
+
+    def recording(volume, net, patch, **kwargs):
+        seen.append((kwargs.get("placement"), kwargs.get("gaussian"), [g.shape[0] for g in net.groups]))
+        return original(volume, net, patch, **kwargs)
+
+    monkeypatch.setattr(engine, "sliding_window", recording)
+    scan = save_nifti(tmp_path / "ct.nii.gz", body_ct(), make_affine("ras"))
+    for options in ({"modality": "ct"}, {"modality": "ct", "placement": "nnunet"}):
+        with Segmenter(tiny_sat, "liver,spleen,aorta", device="cpu", options=options) as seg:
+            assert seg.settings.option("placement") == options.get("placement", "sat")
+            seg.predict(scan)
+    (default_placement, weights, groups), (other_placement, _, _) = seen
+    assert default_placement is SAT_PLACEMENT and other_placement is None
+    assert isinstance(weights, torch.Tensor) and torch.equal(weights, blending_weights(tuple(weights.shape)))
+    assert groups == [2, 1]
+    with pytest.raises(UsageError, match="placement"):
+        Segmenter(tiny_sat, "liver", device="cpu", options={"placement": "even"})

@@ -139,19 +139,20 @@ def test_normalisation_matches_upstream(modality):
 
 
 def test_gaussian_matches_upstream():
-    """SAT's compute_gaussian (float16) is the engine's importance map, in (x, y, z) order."""
-    import torch
-
-    from unisegcli.inference.gaussian import gaussian_importance
+    """SAT's compute_gaussian (float16) is SAT's blending map, in (x, y, z) order (the released
+    288 x 288 x 96 map: tests/test_sat_fidelity.py)."""
+    from unisegcli.models.sat.placement import blending_weights
 
     tile = MANIFEST["helpers"]["gaussian_tile"]
     expected = np.load(TINY / tile["file"])  # (H, W, D) = (x, y, z)
-    ours = gaussian_importance(tuple(reversed(tile["shape"])), dtype=torch.float16).numpy()  # (z, y, x)
-    np.testing.assert_array_equal(ours.transpose(2, 1, 0), expected)
+    ours = blending_weights(tuple(reversed(tile["shape"]))).numpy()  # (z, y, x)
+    np.testing.assert_array_equal(ours.transpose(2, 1, 0), expected.astype(np.float32))
 
 
 def test_engine_windows_cover_like_split_3d():
-    """Same number of windows per axis as SAT's split_3d, first at 0, last ending at the border."""
+    """nnU-Net's placement (a card's ``placement: nnunet``): the same number of windows per axis
+    as SAT's split_3d, first at 0, last ending at the border (SAT's own placement reproduces
+    split_3d exactly: tests/test_sat_fidelity.py)."""
     from unisegcli.inference.tiling import compute_steps
 
     cases = json.loads((TINY / MANIFEST["helpers"]["split_3d"]["file"]).read_text())

@@ -3,8 +3,9 @@
 Follows nnU-Net v2 ``nnUNetPredictor.predict_sliding_window_return_logits`` and
 ``_internal_maybe_mirror_and_predict`` (nnunetv2/inference/predict_from_raw_data.py): pad
 with zeros to at least the patch, visit windows at ``compute_steps`` positions (axis 0
-outermost), optionally average the predictions of all flips of the 3 spatial axes, weight
-each window by the Gaussian importance map, divide by the summed weights, crop the padding.
+outermost; a family may pass its upstream's ``tiling.Placement`` instead), optionally
+average the predictions of all flips of the 3 spatial axes, weight each window by the
+Gaussian importance map, divide by the summed weights, crop the padding.
 
 Two things go beyond nnU-Net:
 
@@ -35,6 +36,8 @@ from unisegcli.settings import PRECISIONS
 
 if TYPE_CHECKING:
     import torch
+
+    from unisegcli.inference.tiling import Placement
 
 ACCUMULATIONS = ("fp32", "fp16")
 ACTIVATIONS = (None, "softmax", "sigmoid")
@@ -297,6 +300,31 @@ def _to_store(weighted: "torch.Tensor", store: "torch.device", staging: dict) ->
     return buffer
 
 
+def _padded(volume: "torch.Tensor", patch: tuple[int, ...],
+            placement: "Placement | None") -> tuple["torch.Tensor", list[tuple[int, int]]]:
+    """The [C, Z, Y, X] volume zero-padded to at least the patch, and the (low, high) pads."""
+    import torch
+
+    pads = padding_for_patch(tuple(volume.shape[1:]), patch, placement)
+    if any(lo or hi for lo, hi in pads):
+        # F.pad lists the last axis first; zeros as nnU-Net (pad_nd_image 'constant', value 0)
+        flat = [p for lo_hi in reversed(pads) for p in lo_hi]
+        volume = torch.nn.functional.pad(volume, flat, mode="constant", value=0.0)
+    return volume, pads
+
+
+def _window_weights(gaussian: "bool | torch.Tensor", patch: tuple[int, ...], dtype: "torch.dtype",
+                    device: "torch.device") -> "torch.Tensor":
+    """The [*patch] weights of every window: a given map, the Gaussian, or ones."""
+    import torch
+
+    if isinstance(gaussian, torch.Tensor):
+        return gaussian.to(device=device, dtype=dtype)
+    if gaussian:
+        return gaussian_importance(patch, dtype=dtype, device=device)
+    return torch.ones(patch, dtype=dtype, device=device)
+
+
 def sliding_window(
     volume: "torch.Tensor",
     net: Any,
@@ -311,8 +339,9 @@ def sliding_window(
     accumulation: str = "fp32",
     activation: str | None = None,
     progress: Progress | None = None,
-    gaussian: bool = True,
+    gaussian: "bool | torch.Tensor" = True,
     accumulator_device: "str | torch.device | None" = None,
+    placement: "Placement | None" = None,
 ) -> list["torch.Tensor"]:
     """Predict a whole volume by blending overlapping, Gaussian-weighted windows.
 
@@ -327,7 +356,9 @@ def sliding_window(
     "fp32", or "fp16" to match nnU-Net v2 bit for bit. activation: None (blend logits, nnU-Net
     v2), "softmax" (blend probabilities, nnU-Net v1) or "sigmoid" (independent per-channel
     probabilities, for multi-label models such as Hermes and SAT). gaussian: False weights
-    every voxel of a window equally (a plain mean of the overlapping windows).
+    every voxel of a window equally (a plain mean of the overlapping windows); a [*patch]
+    tensor is used as the weights as given (SAT's float16 map). placement: where windows go
+    and how short axes are padded (``inference.tiling.Placement``; default nnU-Net's).
     accumulator_device: where the blended outputs and the weight sum live (None: the volume's
     device; "cpu" holds them in host memory, as MONAI's ``device`` beside ``sw_device``, so a
     large output fits when the GPU's memory does not). progress(done, total) is called after
@@ -355,15 +386,10 @@ def sliding_window(
 
     with torch.inference_mode():
         size = tuple(volume.shape[1:])
-        pads = padding_for_patch(size, patch)
-        if any(lo or hi for lo, hi in pads):
-            # F.pad lists the last axis first; zeros as nnU-Net (pad_nd_image 'constant', value 0)
-            flat = [p for lo_hi in reversed(pads) for p in lo_hi]
-            volume = torch.nn.functional.pad(volume, flat, mode="constant", value=0.0)
+        volume, pads = _padded(volume, patch, placement)
         padded = tuple(volume.shape[1:])
-        windows = window_slices(padded, patch, step)
-        gauss = (gaussian_importance(patch, dtype=acc_dtype, device=device) if gaussian
-                 else torch.ones(patch, dtype=acc_dtype, device=device))
+        windows = window_slices(padded, patch, step, placement)
+        gauss = _window_weights(gaussian, patch, acc_dtype, device)
         gauss_store = gauss if store == device else gauss.to(store)
         weights = torch.zeros(padded, dtype=acc_dtype, device=store)
         accs: list[torch.Tensor | None] = [None] * len(heads)

@@ -8,6 +8,13 @@ mode='constant', cval=0)``, divided by its maximum and multiplied by ``value_sca
 v1 ``_get_gaussian``: the same with maximum 1 and float32). The scale cancels in the weighted
 average; it only matters for float16 rounding, so we keep 10.
 
+Casting to float16: nnU-Net v2 casts the float64 map with torch (``.to(dtype)``), which rounds
+float64 -> float32 -> float16, twice; ``gaussian_importance`` does the same, so nnU-Net's
+float16 map is reproduced bit for bit. SAT (zhaoziheng/SAT ``evaluate/inference_engine.py``
+``compute_gaussian``) casts once with numpy ``astype(np.float16)``; the two roundings differ by
+one float16 step where the float64 value lies just past a float16 midpoint (1,008 of the
+7,962,624 weights of SAT's 288 x 288 x 96 map), so SAT's map is ``float16_map_numpy``.
+
 gaussian_filter of a delta is separable: the product of three 1-D kernels, each
 ``exp(-x^2 / (2 sigma^2))`` normalised to sum 1 on ``|x| <= int(4 sigma + 0.5)`` (scipy
 ``_gaussian_kernel1d``, truncate=4) and zero beyond. We build exactly that in float64 and
@@ -52,6 +59,22 @@ def gaussian_map_numpy(
     for size in patch_size:
         g = np.multiply.outer(g, _kernel_profile(int(size), sigma_scale))
     g = g / (g.max() / value_scaling)
+    g.setflags(write=False)
+    return g
+
+
+@lru_cache(maxsize=4)
+def float16_map_numpy(
+    patch_size: tuple[int, ...], sigma_scale: float = SIGMA_SCALE, value_scaling: float = VALUE_SCALING
+) -> np.ndarray:
+    """float16 map of shape ``patch_size`` rounded once from float64 by numpy, zeros replaced by
+    the smallest non-zero value: SAT's ``compute_gaussian`` (zhaoziheng/SAT
+    ``evaluate/inference_engine.py``: ``astype(np.float16)``, then ``np.min`` of the non-zeros).
+    The map is separable, so its (z, y, x) layout is upstream's (H, W, D) map transposed."""
+    g = gaussian_map_numpy(tuple(int(s) for s in patch_size), sigma_scale, value_scaling).astype(np.float16)
+    zero = g == 0
+    if zero.any():
+        g[zero] = g[~zero].min()
     g.setflags(write=False)
     return g
 

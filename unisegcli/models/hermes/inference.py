@@ -1,9 +1,11 @@
 """Hermes' sliding window, on top of the engine's batched window predictor.
 
-Upstream (``inference/inference3d.py`` ``inference_sliding_window``, HERMES_SPEC.md "How
-upstream runs a case"; verified against the ``hermes_tiny`` fixture) tiles differently from
-nnU-Net, so the window positions live here while the forward passes, activation, optional
-mirroring and autocast go through ``inference.engine.predict_windows``:
+Upstream (yhygao/universal-medical-image-segmentation, ``inference/inference3d.py``
+``inference_sliding_window`` and ``split_idx``; chunking in ``training/validation.py``; checked
+window for window against a transcription of that loop and against the ``hermes_tiny``
+fixture) tiles differently from nnU-Net, so the window positions live here while the forward
+passes, activation, optional mirroring and autocast go through
+``inference.engine.predict_windows``:
 
 * an axis shorter than the window is zero-padded at its **end** (cropped afterwards);
 * with h = window // 2, windows i = 0 .. size // h - 1 start at h·i, and a window that would

@@ -7,13 +7,12 @@
   needs the segmentation checkpoint alone (no text encoder, no transformers).
 * ``predict``: modality from --modality (else guessed from the intensities, with a warning),
   SAT's preprocessing (``pipeline``), our sliding-window engine with SAT's conventions
-  (window 288 x 288 x 96 in (x, y, z), half-window steps, Gaussian blending, sigmoid), and each
-  structure's probabilities mapped back to the scan's grid before the 0.5 threshold.
+  (window 288 x 288 x 96 in (x, y, z), SAT's window positions and float16 Gaussian from
+  ``placement``, prompt groups from ``grouping``, sigmoid), and each structure's
+  probabilities mapped back to the scan's grid before the 0.5 threshold.
   Overlapping structures stay in separate files: every prompt is its own task.
 
-Deviation from upstream kept on purpose: window positions are our engine's (nnU-Net's even
-spread, same count as SAT's ``split_3d`` for the usual sizes) and small volumes are padded
-symmetrically with 0 (the mean after normalisation, as upstream's high-end padding).
+The family option ``placement="nnunet"`` selects nnU-Net's evenly spread windows instead.
 """
 
 from __future__ import annotations
@@ -220,28 +219,31 @@ def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, sett
     from unisegcli.inference.engine import sliding_window
     from unisegcli.inference.tiling import window_slices
     from unisegcli.io.cases import task_channels
+    from unisegcli.models.sat.grouping import split_queries
     from unisegcli.models.sat.pipeline import prepare, restore_mask
+    from unisegcli.models.sat.placement import blending_weights, placement_named
 
     image = task_channels(loaded, tasks[0])
     modality = run_modality(loaded, image, settings, warn)
     queries = queries_for(net, tasks, modality, getattr(net, "model_name", "sat-nano"))
     prep = prepare(image, loaded.scan.spacing_mm, modality)
     patch = tuple(reversed(net.config.window))  # (z, y, x)
+    placement = placement_named(settings.option("placement"))
     padded = [max(s, p) for s, p in zip(prep.volume.shape[1:], patch)]
-    n_windows = len(window_slices(padded, patch, settings.step_or_default))
+    n_windows = len(window_slices(padded, patch, settings.step_or_default, placement))
     message = cpu_warning(device, net.config.window, n_windows, len(tasks))
     if message and warn is not None:
         warn(loaded.case.case_id, message)
     net.segmenter.to(device)
     max_q = int(getattr(net, "max_queries", DEFAULT_MAX_QUERIES))
-    groups = [queries[i : i + max_q].to(device) for i in range(0, len(queries), max_q)]
+    groups = [g.to(device) for g in split_queries(queries, max_q)]
     volume = torch.from_numpy(prep.volume).to(device)
     with torch.inference_mode():
         probabilities = sliding_window(
             volume, WindowPredictor(net, groups), patch, step=settings.step_or_default,
             batch_size=settings.batch_size, tta=settings.tta, precision=settings.precision, activation="sigmoid",
-            gaussian=bool(settings.option("gaussian")), progress=progress,
-            accumulator_device=settings.accumulator_device,
+            gaussian=blending_weights(patch) if settings.option("gaussian") else False, progress=progress,
+            accumulator_device=settings.accumulator_device, placement=placement,
         )[0]
         return {task.name: restore_mask(probabilities[i], prep) for i, task in enumerate(tasks)}
 
@@ -275,6 +277,8 @@ class SatFamily(ModelFamily):
         FamilyOption("modality", str, None, "ct, mri or pet: the scan's modality (default: guessed from the "
                                             "intensities, with a warning)."),
         FamilyOption("gaussian", bool, True, "Gaussian weighting of overlapping windows (SAT's default)."),
+        FamilyOption("placement", str, "sat", "Window positions: sat (upstream's split_3d, the default) or "
+                                              "nnunet (evenly spread).", choices=("sat", "nnunet")),
     )
 
     load = staticmethod(load)  # type: ignore[assignment]
