@@ -25,7 +25,8 @@
 #   UNISEG_IMPORT_DIR       a folder inside SRC with weights to import instead of downloading:
 #                           <dir>/<model>/ holds the files of registry model <model>
 #                           (`uniseg weights import <model> <dir>/<model>`); <dir>/nnunet/<name>
-#                           (a results folder or .zip) becomes model <name>.
+#                           (a results folder or .zip) becomes model <name> (needs the
+#                           nnunet extra: UNISEG_EXTRAS=dicom,nnunet).
 #   PIP_CACHE_DIR, PIP_NO_CACHE_DIR   honoured as usual (the Containerfile uses a cache mount).
 #
 # Result: a venv in /opt/uniseg (uniseg on PATH via /usr/local/bin/uniseg), the non-root user
@@ -130,9 +131,11 @@ EOF
 # -- 4. the weights folder, with baked weights if asked for ------------------------------------
 mkdir -p "$WEIGHTS"
 export UNISEG_HOME=$WEIGHTS
+baked=()
 for model in ${BAKE_MODELS//,/ }; do
     log "baking model '$model' into $WEIGHTS (uniseg weights download)"
     uniseg weights download --quiet "$model"
+    baked+=("$model")
 done
 if [ -n "$IMPORT_DIR" ]; then
     import_root="$SRC/$IMPORT_DIR"
@@ -149,12 +152,13 @@ if [ -n "$IMPORT_DIR" ]; then
         else
             log "importing model '$name' from $entry (uniseg weights import)"
             uniseg weights import --quiet "$name" "$entry"
+            baked+=("$name")
         fi
     done
 fi
-if [ -n "$BAKE_MODELS" ] || [ -n "$IMPORT_DIR" ]; then
-    UNISEG_OFFLINE=1 uniseg weights verify --quiet
-fi
+for model in "${baked[@]}"; do             # every file present, hashes as the registry says
+    UNISEG_OFFLINE=1 uniseg weights verify --quiet "$model"
+done
 # The user may download further models at run time; baked files stay readable by anyone.
 chown -R "$USER_ID:$USER_ID" "$WEIGHTS"
 chmod -R a+rX "$WEIGHTS"

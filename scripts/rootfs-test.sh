@@ -12,6 +12,9 @@
 #   UNISEG_ROOTFS_CACHE   cache folder (default /var/cache/uniseg-rootfs): the pristine root file
 #                         system, pip's cache and the CPU torch wheel; each run works on a copy
 #                         that is deleted afterwards. Delete the folder to start from scratch.
+#                         (Behind a proxy that strips HTTP caching headers, as on the project's
+#                         machines, pip's cache stays empty: each run downloads the ~105 MB of
+#                         wheels besides torch again, ~15 s there.)
 #   PYTHON                Python that builds the unisegcli wheel (default python3)
 #   UNISEG_TORCH_WHEEL    a torch-<pin>+cpu wheel to use (default: looked up in the cache, in
 #                         pip's find-links folders, then downloaded from the PyTorch CPU index)
