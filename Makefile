@@ -30,7 +30,7 @@ test: venv
 # Debian root file system (debootstrap, cached in /var/cache/uniseg-rootfs), the image's install
 # script in it, then uniseg and the demo as the image's user. See README "Run in a container".
 test-container: venv
-	$(PY) -m pytest -m slow tests/test_container.py $(PYTEST_ARGS)
+	$(PY) -m pytest -s -m slow tests/test_container.py $(PYTEST_ARGS)
 
 # Every benchmark in its default size (~25 min on 2 CPU cores); BENCH_ARGS="--device cuda"
 # on a GPU. Each prints its table and writes benchmarks/results/*.json (see RESULTS.md).

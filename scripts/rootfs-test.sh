@@ -101,6 +101,9 @@ RESULTS=$(cd "$RESULTS" && pwd)
 : > "$RESULTS/timings.txt"
 exec 9> "$CACHE/.lock"
 flock 9                                       # one run at a time per cache
+# Holding the lock, any run.* folder is left over from a killed run (a killed run's mounts went
+# with its mount namespace; its processes held the lock until they ended).
+find "$CACHE" -maxdepth 1 -name 'run.*' -type d -exec rm -rf --one-file-system {} +
 
 if ! command -v debootstrap >/dev/null; then
     log "installing debootstrap with apt-get"
