@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 STAMP := $(VENV)/.uniseg-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-container bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -m "not slow and not gpu and not network" $(PYTEST_ARGS)
+
+# The container recipe without a container runtime (root; CI runs it after `make test`): a
+# Debian root file system (debootstrap, cached in /var/cache/uniseg-rootfs), the image's install
+# script in it, then uniseg and the demo as the image's user. See README "Run in a container".
+test-container: venv
+	$(PY) -m pytest -s -m slow tests/test_container.py $(PYTEST_ARGS)
 
 # Every benchmark in its default size (~25 min on 2 CPU cores); BENCH_ARGS="--device cuda"
 # on a GPU. Each prints its table and writes benchmarks/results/*.json (see RESULTS.md).
