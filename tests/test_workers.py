@@ -189,3 +189,13 @@ def test_sigterm_stops_every_worker_cleanly(tmp_path: Path, worker_hook) -> None
         if status.exists():
             state = next((ln for ln in status.read_text().splitlines() if ln.startswith("State:")), "")
             assert "Z" in state, (pid, state, commands[pid])
+
+
+def test_workers_that_cannot_load_the_model_fail_the_run_with_its_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("UNISEG_HOME", str(tmp_path / "empty-cache"))
+    inputs = cohort(tmp_path / "in", count=2)
+    result = runner.invoke(app, [str(inputs), "-o", str(tmp_path / "out"), "--tasks", "liver", "--workers", "2",
+                                 "--offline"])
+    assert result.exit_code == ExitCode.WEIGHTS, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "uniseg weights import uniseg" in lines[0]

@@ -18,7 +18,7 @@ the run ends as interrupted.
 from __future__ import annotations
 
 import os
-import queue
+import pickle
 import signal
 from collections import deque
 from dataclasses import dataclass
@@ -86,20 +86,22 @@ def _device_names(devices: str) -> list[str]:
 
 
 class _Forward(Events):
-    """A worker's events, sent to the parent (who shows them once, for every worker)."""
+    """A worker's events, sent to the parent (who shows them once, for every worker). Each
+    worker has a pipe of its own: a worker killed in the middle of a message can only break
+    its own pipe, never a lock that the other workers share."""
 
     def __init__(self, results: Any, name: str) -> None:
         self.results, self.name = results, name
 
     def warning(self, case_id: str, message: str) -> None:
-        self.results.put(("warning", self.name, case_id, message))
+        self.results.send(("warning", self.name, case_id, message))
 
     def case_retry(self, case_id: str, reason: str, message: str) -> None:
-        self.results.put(("retry", self.name, case_id, reason, message))
+        self.results.send(("retry", self.name, case_id, reason, message))
 
     def windows(self, done: int, total: int) -> None:
         if done == total or done % 8 == 0:  # a bar, not a flood of messages
-            self.results.put(("windows", self.name, done, total))
+            self.results.send(("windows", self.name, done, total))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -109,7 +111,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def worker_main(config: "SessionConfig", spec: WorkerSpec, inbox: Any, results: Any,
                 series_uid: str | None, cohort_folder: Path | None) -> None:
     """A worker process: build the Segmenter once, then segment each case sent to ``inbox``
-    until it receives None. Reports every step to ``results``."""
+    until it receives None. Reports every step to ``results`` (its own pipe to the parent)."""
     import unisegcli.casework as casework
     from unisegcli.io.cases import read_case
 
@@ -118,21 +120,21 @@ def worker_main(config: "SessionConfig", spec: WorkerSpec, inbox: Any, results: 
         segmenter = config.build(device=spec.device, threads=spec.threads, events=_Forward(results, spec.name))
         segmenter.load()
     except UnisegError as exc:
-        results.put(("init_failed", spec.name, type(exc).__name__, str(exc), int(exc.exit_code)))
+        results.send(("init_failed", spec.name, type(exc).__name__, str(exc), int(exc.exit_code)))
         return
     except KeyboardInterrupt:
         return
-    results.put(("ready", spec.name))
+    results.send(("ready", spec.name))
     try:
         while (planned := inbox.get()) is not None:
-            results.put(("started", spec.name, planned.case.case_id))
+            results.send(("started", spec.name, planned.case.case_id))
             try:
                 done = casework.one_case(segmenter, read_case(planned.case, series_uid), planned, cohort_folder)
             except UnisegError as exc:
-                results.put(("failed", spec.name, planned.case.case_id, type(exc).__name__, str(exc),
-                             int(exc.exit_code)))
+                results.send(("failed", spec.name, planned.case.case_id, type(exc).__name__, str(exc),
+                              int(exc.exit_code)))
                 continue
-            results.put(("done", spec.name, done))
+            results.send(("done", spec.name, done))
     except KeyboardInterrupt:
         pass
     finally:
@@ -144,6 +146,7 @@ class _Worker:
     spec: WorkerSpec
     process: Any
     inbox: Any
+    messages: Any  # the parent's end of the worker's pipe
     case: "Planned | None" = None
     ready: bool = False
 
@@ -158,12 +161,11 @@ class WorkerPool:
         self.context = multiprocessing.get_context("spawn")
         self.segmenter, self.events, self.result = segmenter, segmenter.events, result
         self.series_uid, self.cohort_folder = series_uid, cohort_folder
-        self.results = self.context.Queue()
         self.workers: dict[str, _Worker] = {}
         self.specs = list(specs)
         self.deaths: dict[str, int] = {}
         self.init_errors: list[tuple[str, str, int]] = []
-        self.number = 0
+        self.numbers: dict[str, int] = {}
 
     def run(self, todo: Sequence["Planned"]) -> None:
         """Segment ``todo`` on the workers; KeyboardInterrupt stops them all and propagates."""
@@ -174,22 +176,34 @@ class WorkerPool:
                 self._start(spec)
             while self.finished < self.total:
                 self._dispatch()
-                try:
-                    message = self.results.get(timeout=POLL_S)
-                except queue.Empty:
-                    self._check_alive()
-                    continue
-                self._handle(message)
+                for message in self._receive():
+                    self._handle(message)
+                self._check_alive()
         finally:
             self._stop()
 
+    def _receive(self) -> list[tuple[Any, ...]]:
+        """The messages that arrived (waits up to POLL_S, or until a worker process ends)."""
+        from multiprocessing.connection import wait
+
+        by_handle = {w.messages: w for w in self.workers.values()}
+        sentinels = [w.process.sentinel for w in self.workers.values()]
+        messages = []
+        for ready in wait([*by_handle, *sentinels], timeout=POLL_S):
+            worker = by_handle.get(ready)
+            if worker is not None:  # (an ended process: _check_alive drains and handles it)
+                messages.extend(self._drain(worker))
+        return messages
+
     def _start(self, spec: WorkerSpec) -> None:
         inbox = self.context.Queue()
+        receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=worker_main, name=f"uniseg-{spec.name}", daemon=True,
-            args=(self.segmenter.config, spec, inbox, self.results, self.series_uid, self.cohort_folder))
+            args=(self.segmenter.config, spec, inbox, sender, self.series_uid, self.cohort_folder))
         process.start()
-        self.workers[spec.name] = _Worker(spec, process, inbox)
+        sender.close()  # the worker holds the only writing end: its death is an EOF here
+        self.workers[spec.name] = _Worker(spec, process, inbox, receiver)
 
     def _dispatch(self) -> None:
         for worker in self.workers.values():
@@ -204,13 +218,12 @@ class WorkerPool:
         worker = self.workers.get(name)
         if kind == "ready" and worker is not None:
             worker.ready = True
-        elif kind == "init_failed":
+        elif kind == "init_failed":  # the run stops only when no worker is left (_check_alive)
             self.init_errors.append((rest[0], rest[1], rest[2]))
-            if len(self.init_errors) == len(self.specs) and not any(w.ready for w in self.workers.values()):
-                raise _rebuild(*self.init_errors[0])
         elif kind == "started" and worker is not None and worker.case is not None:
-            self.number += 1
-            self.events.case_started(worker.case.case, self.number, self.total, worker=self._label(worker))
+            case_id = worker.case.case.case_id  # a retried case keeps its number
+            number = self.numbers.setdefault(case_id, len(self.numbers) + 1)
+            self.events.case_started(worker.case.case, number, self.total, worker=self._label(worker))
         elif kind == "done" and worker is not None:
             case_result = rest[0]
             case_result.worker = self._label(worker)
@@ -232,32 +245,51 @@ class WorkerPool:
 
     def _check_alive(self) -> None:
         """A dead worker's case goes back to the queue once; the worker is replaced."""
-        from unisegcli.casework import record_failure
-
         for name, worker in list(self.workers.items()):
             if worker.process.is_alive():
                 continue
-            if not worker.ready:
-                if worker.process.exitcode not in (0, None) and not self.init_errors:
+            for message in self._drain(worker):  # what it sent before it ended
+                self._handle(message)
+            del self.workers[name]
+            worker.messages.close()
+            if not worker.ready:  # it never started: its init_failed message said why
+                if not self.init_errors:
                     raise DeviceError(f"worker {self._label(worker)} exited with code {worker.process.exitcode} "
                                       "while loading the model; expected it to start. Re-run with --debug.")
-                continue  # init_failed was reported; the message decides
-            case, code = worker.case, worker.process.exitcode
-            del self.workers[name]
-            if case is not None:
-                deaths = self.deaths[case.case.case_id] = self.deaths.get(case.case.case_id, 0) + 1
-                message = (f"worker {self._label(worker)} died (exit code {code}) while segmenting "
-                           f"'{case.case.case_id}'")
-                if deaths == 1:
-                    self.events.case_retry(case.case.case_id, "worker_died", f"{message}; retrying once")
-                    self.pending.appendleft(case)
-                else:
-                    self.finished += 1
-                    failure = DeviceError(f"{message}, for the second time; expected the case to run. Run it "
-                                          "alone with --debug, or on --device cpu.")
-                    record_failure(self.result, self.events, case.case, failure, worker=self._label(worker))
-            if self.finished < self.total:
-                self._start(worker.spec)
+                continue
+            self._lost(worker)
+        if not self.workers and self.finished < self.total:
+            raise _rebuild(*self.init_errors[0]) if self.init_errors else DeviceError(
+                "every worker process ended; expected at least one to run the cases. Re-run with --debug.")
+
+    def _lost(self, worker: _Worker) -> None:
+        """A worker died while ready: retry its case once elsewhere, start a new worker."""
+        from unisegcli.casework import record_failure
+
+        case, code = worker.case, worker.process.exitcode
+        if case is not None:
+            deaths = self.deaths[case.case.case_id] = self.deaths.get(case.case.case_id, 0) + 1
+            message = f"worker {self._label(worker)} died (exit code {code}) while segmenting '{case.case.case_id}'"
+            if deaths == 1:
+                self.events.case_retry(case.case.case_id, "worker_died", f"{message}; retrying once")
+                self.pending.appendleft(case)
+            else:
+                self.finished += 1
+                failure = DeviceError(f"{message}, for the second time; expected the case to run. Run it "
+                                      "alone with --debug, or on --device cpu.")
+                record_failure(self.result, self.events, case.case, failure, worker=self._label(worker))
+        if self.finished < self.total:
+            self._start(worker.spec)
+
+    @staticmethod
+    def _drain(worker: _Worker) -> list[tuple[Any, ...]]:
+        messages = []
+        try:
+            while worker.messages.poll():
+                messages.append(worker.messages.recv())
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
+        return messages
 
     def _label(self, worker: _Worker) -> str:
         return f"{worker.spec.name}@{worker.spec.device}"
