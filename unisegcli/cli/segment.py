@@ -108,7 +108,8 @@ def segment_command(
         rich_help_panel=OUTPUT)] = "nifti",
     shard: Annotated[Optional[str], typer.Option(
         "--shard", help="Process shard I/N (1-based) of the sorted cases; default from the job array's "
-        "variables (Slurm, Kubernetes, AWS Batch, LSF, SGE, PBS: see examples/README.md).", rich_help_panel=BATCH)] = None,
+        "variables (Slurm, Kubernetes, AWS Batch, LSF, SGE, PBS: see examples/README.md).",
+        rich_help_panel=BATCH)] = None,
     devices: Annotated[Optional[str], typer.Option(
         "--devices", help="Run the cases in one worker process per device, e.g. cuda:0,cuda:1, or all (every "
         "visible GPU); each case goes to whichever worker is free.", rich_help_panel=BATCH,
