@@ -42,6 +42,7 @@ bench: venv
 	$(BENCH) benchmarks/end_to_end.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/multitask_scaling.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/memory.py $(BENCH_ARGS)
+	$(BENCH) benchmarks/workers.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
