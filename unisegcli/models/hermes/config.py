@@ -1,6 +1,6 @@
 """``HermesConfig``: the constructor arguments of Hermes' ``Hermes_UNet`` as data.
 
-Facts (HERMES_SPEC.md, read from yhygao/universal-medical-image-segmentation @ 033e16ae,
+Facts (read from yhygao/universal-medical-image-segmentation @ 033e16ae,
 ``model/dim3/hermes_unet.py`` and ``config/universal/hermes_resunet_3d.yaml``): the released
 Hermes-R network is ``Hermes_UNet(in_ch=1, base_ch=32, scale=[[2,2,2]]*4,
 kernel_size=[[3,3,3]]*5, block='BasicBlock', num_block=[2,2,2,2], norm='in', tn=72, mn=6)``.

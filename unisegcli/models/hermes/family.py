@@ -1,7 +1,7 @@
 """The Hermes family (``models.families``): structures by name, one forward per dataset.
 
 Hermes' outputs depend on the whole token list (features attend to every task and modality
-token; HERMES_SPEC.md "How upstream runs a case"), so we run what upstream validated: for
+token; upstream ``inference/inference3d.py``), so we run what upstream validated: for
 every dataset that a requested structure belongs to, one sliding-window pass whose every
 forward carries the dataset's full index list plus the null token (-1) and the dataset's
 modality id; the requested channels are then kept. Requesting one structure therefore gives

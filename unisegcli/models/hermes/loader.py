@@ -1,6 +1,6 @@
 """``load_hermes``: a ready Hermes network from the released checkpoint (or a converted one).
 
-Checkpoint layout (HERMES_SPEC.md, from upstream ``train.py``, the only writer): a
+Checkpoint layout (yhygao/universal-medical-image-segmentation ``train.py``, the only writer): a
 ``torch.save`` dict with ``epoch``, ``model_state_dict``, ``ema_model_state_dict`` and
 ``optimizer_state_dict``. Upstream validates and tests with the EMA network, so we load
 ``ema_model_state_dict`` when it is present and not None, else ``model_state_dict``, else a

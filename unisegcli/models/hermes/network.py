@@ -1,6 +1,6 @@
 """``HermesUNet``: our own implementation of Hermes' ``Hermes_UNet`` (the Hermes-R backbone).
 
-Written from HERMES_SPEC.md (facts read from yhygao/universal-medical-image-segmentation @
+Written from facts read from yhygao/universal-medical-image-segmentation (@
 033e16ae, ``model/dim3/hermes_unet.py``, ``hermes_unet_utils.py``, ``hermes_utils.py``,
 ``conv_layers.py``, ``trans_layers.py``). Module and parameter names follow the upstream
 state dict so the released checkpoint loads with ``strict=True``:

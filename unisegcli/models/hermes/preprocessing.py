@@ -1,6 +1,6 @@
 """Hermes' preprocessing of a scan, and the way back to the scan's grid.
 
-Facts (HERMES_SPEC.md "Preprocessing", upstream ``dataset_conversion/*_3d.py``, ``utils.py``
+Facts (yhygao/universal-medical-image-segmentation ``dataset_conversion/*_3d.py``, ``utils.py``
 ``ResampleXYZAxis`` and ``nii2npy.py`` @ f4c84e1/033e16ae):
 
 * orientation: images were resampled to an identity-direction ITK image, i.e. a (z, y, x)

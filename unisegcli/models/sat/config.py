@@ -1,6 +1,6 @@
 """SAT network shapes: the released SAT-Nano and SAT-Pro, and small ones for tests.
 
-Facts from ../shared/SAT_SPEC.md (read from github.com/zhaoziheng/SAT, commit 5676be5a,
+Facts read from github.com/zhaoziheng/SAT (commit 5676be5a,
 ``model/maskformer.py`` and ``model/build_model.py``): Nano is ``vision_backbone='UNET'``, Pro
 ``'UNET-L'``; both use 768-d text queries, a 288 x 288 x 96 window (H, W, D = x, y, z in RAS)
 and a 6-layer query decoder with 8 heads and a 2048-wide feed-forward layer.
@@ -54,7 +54,7 @@ class SatConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The MPNet text tower (BioLORD-2023-C's config.json, values in SAT_SPEC.md)."""
+    """The MPNet text tower (BioLORD-2023-C's config.json, as SAT's ``model/text_encoder.py`` loads it)."""
 
     vocab_size: int = 30527
     hidden: int = 768

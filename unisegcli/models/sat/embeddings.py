@@ -1,7 +1,7 @@
 """Precomputed text embeddings of SAT's whole vocabulary, so runs need no text tower.
 
 A query depends only on the prompt text, its modality and the paired ``text_encoder.pth``
-(SAT_SPEC.md), so ``uniseg weights prepare <model>`` runs the text tower once over the 498
+(SAT ``model/knowledge_encoder.py``), so ``uniseg weights prepare <model>`` runs the text tower once over the 498
 terms and stores a [498, d] float32 table (~1.5 MB for d = 768) next to the model's files::
 
     <cache>/models/<model>/<version>/text_embeddings.safetensors

@@ -1,7 +1,7 @@
 """Load SAT's released files strictly: ``load_sat(checkpoint, text_encoder=None)``.
 
 Both files are ``torch.save`` dicts written by SAT's trainer, ``{'step', 'model_state_dict',
-['optimizer_state_dict']}``, with the DDP prefix ``module.`` on every key (SAT_SPEC.md). Only
+['optimizer_state_dict']}``, with the DDP prefix ``module.`` on every key (as SAT's trainer saves them). Only
 ``model_state_dict`` is read, through ``checkpoint.load_torch_file`` (weights_only=True).
 Upstream loads with ``partial_load=True`` and silently skips absent or mis-shaped keys; we
 strip ``module.``, drop the keys the spec names as known extras, and then load strictly:
@@ -38,7 +38,7 @@ TEXT_LEGACY = re.compile(r"^text_tower\.biolord\.embeddings\.position_ids$|atlas
 
 def read_sat_state(path: Path, what: str) -> dict[str, Tensor]:
     """``model_state_dict`` of a SAT file without the ``module.`` prefix."""
-    # mmap: the released segmentation file may still hold the optimizer state (SAT_SPEC.md)
+    # mmap: the released segmentation file may still hold the optimizer state (SAT's trainer saves both)
     obj = load_torch_file(path, mmap=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
         obj = obj["model_state_dict"]

@@ -1,7 +1,7 @@
 """SAT's segmentation network: U-Net, memory tokens, text-query decoder, mask head.
 
 Our implementation of upstream ``Maskformer`` (github.com/zhaoziheng/SAT ``model/maskformer.py``
-and ``model/transformer_decoder.py``; facts in ../shared/SAT_SPEC.md):
+and ``model/transformer_decoder.py``):
 
 1. the U-Net gives the encoder stage outputs and a full-resolution per-pixel embedding
    (features[0] channels);

@@ -1,6 +1,6 @@
 """SAT's preprocessing and the way back to the scan's grid.
 
-Upstream (SAT ``data/inference_dataset.py``; SAT_SPEC.md "Inference pipeline"): orient to RAS,
+Upstream (SAT ``data/inference_dataset.py``, ``evaluate/inference_engine.py``): orient to RAS,
 resample to 1 x 1 x 3 mm (x, y, z) with linear interpolation, crop to the bounding box of the
 voxels > 0 of the raw intensities, then normalise the cropped volume: CT clipped to
 [-500, 1000] HU, any other modality clipped to its 0.5th / 99.5th percentiles, then

@@ -1,7 +1,7 @@
 """SAT's text path: tokenisation, an MPNet text tower, mean pooling, projection, modality.
 
 SAT (github.com/zhaoziheng/SAT ``model/text_encoder.py``, ``knowledge_encoder.py``,
-``text_tower.py``, ``tokenizer.py``; facts in ../shared/SAT_SPEC.md) encodes a prompt as:
+``text_tower.py``, ``tokenizer.py``) encodes a prompt as:
 
 * ids = ``[CLS] + wordpiece(lowercased text) + [SEP]`` with the literal BERT tokens (ordinary
   entries of BioLORD's MPNet vocabulary, not ``<s>``/``</s>``), right-padded with id 0 to the

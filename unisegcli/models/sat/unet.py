@@ -1,6 +1,6 @@
 """SAT's U-Net backbone: a plain 6-stage convolutional encoder-decoder without output heads.
 
-Layout from ../shared/SAT_SPEC.md (SAT vendors MIC-DKFZ dynamic-network-architectures,
+Layout from github.com/zhaoziheng/SAT ``model/`` (SAT vendors MIC-DKFZ dynamic-network-architectures,
 Apache-2.0, ``PlainConvUNet`` with the segmentation heads removed): 3x3x3 convolutions with
 bias and padding 1, ``InstanceNorm3d(eps=1e-5, affine=True)``, ``LeakyReLU(0.01)``; the first
 convolution of stages 1-5 has stride 2; the decoder upsamples with ``ConvTranspose3d(k=2, s=2)``

@@ -3,7 +3,7 @@
 The list is SAT-DS ``data/terminology_list.json`` (github.com/zhaoziheng/SAT-DS, commit
 492df0e8; shipped unchanged as ``unisegcli/data/sat_vocabulary.json``): ``all`` holds 498
 lowercase terms (ct 306, mri 189, pet 3); a term splits at its first ``_`` into the modality
-and the prompt text (SAT_SPEC.md). Upstream accepts any text; we match each requested name to
+and the prompt text (SAT ``data/inference_dataset.py``). Upstream accepts any text; we match each requested name to
 the vocabulary so that typos fail with a suggestion instead of a silently meaningless prompt:
 
 1. exact: the name is a vocabulary name;

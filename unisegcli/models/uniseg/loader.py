@@ -1,6 +1,6 @@
 """``load_uniseg``: a ready UniSeg network from released or converted files.
 
-Accepted inputs (see UNISEG_SPEC.md, "The Python entry point"):
+Accepted inputs (what yeerwen/UniSeg releases and ``inference/predict.py`` loads):
 - nnU-Net v1 ``model_final_checkpoint.model`` + ``plans.pkl``; without plans, the trainer's
   ``model_final_checkpoint.model.pkl`` beside the checkpoint supplies them ("plans" entry);
 - ``model.safetensors`` + ``config.json`` beside it (``convert_checkpoint`` writes both);
