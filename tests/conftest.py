@@ -42,6 +42,19 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, qcode: int = 1,
     return path
 
 
+def assert_same_geometry(written, source) -> None:
+    """A written image has the source's exact geometry: shape, affine, qform/sform (and their
+    codes) and zooms, and uint8 voxels (every mask uniseg writes)."""
+    assert written.shape[:3] == source.shape[:3]
+    np.testing.assert_array_equal(written.affine, source.affine)
+    np.testing.assert_array_equal(written.header.get_qform(), source.header.get_qform())
+    np.testing.assert_array_equal(written.header.get_sform(), source.header.get_sform())
+    assert int(written.header["qform_code"]) == int(source.header["qform_code"])
+    assert int(written.header["sform_code"]) == int(source.header["sform_code"])
+    assert written.header.get_zooms()[:3] == source.header.get_zooms()[:3]
+    assert written.get_data_dtype() == np.uint8
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """torch on one thread for a module of tiny convolutions.

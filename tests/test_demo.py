@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_same_geometry
 from unisegcli.weights.resolver import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,12 +195,7 @@ def test_cli_segments_the_training_scan_offline(tmp_path: Path) -> None:
         mask_file = out / f"{name}.nii.gz"
         image = nib.load(str(mask_file))
         assert image.shape == source.shape
-        np.testing.assert_array_equal(image.affine, source.affine)
-        np.testing.assert_array_equal(image.header.get_qform(), source.header.get_qform())
-        np.testing.assert_array_equal(image.header.get_sform(), source.header.get_sform())
-        assert int(image.header["qform_code"]) == int(source.header["qform_code"])
-        assert int(image.header["sform_code"]) == int(source.header["sform_code"])
-        assert image.header.get_zooms() == source.header.get_zooms()
+        assert_same_geometry(image, source)
         predicted[name] = read_scan(mask_file).data[0] > 0  # same internal orientation as the reference
     check_scores(predicted)
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import make_affine, save_nifti
+from conftest import assert_same_geometry, make_affine, save_nifti
 from unisegcli.errors import (
     ImageFormatError,
     ImageShapeError,
@@ -30,13 +30,7 @@ def test_round_trip_keeps_data_and_geometry(tmp_path: Path, labelled_volume: np.
     a, b = nib.load(str(src)), nib.load(str(out))
     assert b.shape == a.shape
     np.testing.assert_array_equal(np.asarray(b.dataobj), labelled_volume)
-    np.testing.assert_array_equal(b.affine, a.affine)
-    assert int(b.header["qform_code"]) == int(a.header["qform_code"])
-    assert int(b.header["sform_code"]) == int(a.header["sform_code"])
-    np.testing.assert_array_equal(b.header.get_qform(), a.header.get_qform())
-    np.testing.assert_array_equal(b.header.get_sform(), a.header.get_sform())
-    assert b.header.get_zooms() == a.header.get_zooms()
-    assert b.get_data_dtype() == np.uint8
+    assert_same_geometry(b, a)
 
 
 def test_internal_orientation_is_ras_zyx(tmp_path: Path) -> None:

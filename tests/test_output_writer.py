@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import save_nifti
+from conftest import assert_same_geometry, save_nifti
 from unisegcli.errors import OutputError, UsageError
 from unisegcli.io.nifti import Scan, read_scan
 from unisegcli.outputs.writer import OutputOptions, select_structures, write_case_outputs
@@ -52,13 +52,7 @@ def test_masks_keep_the_input_geometry_exactly(tmp_path: Path, case) -> None:
     for name, path in out.masks.items():
         written = nib.load(str(path))
         assert written.shape == original.shape
-        np.testing.assert_array_equal(written.affine, original.affine)
-        np.testing.assert_array_equal(written.header.get_qform(), original.header.get_qform())
-        np.testing.assert_array_equal(written.header.get_sform(), original.header.get_sform())
-        assert int(written.header["qform_code"]) == int(original.header["qform_code"])
-        assert int(written.header["sform_code"]) == int(original.header["sform_code"])
-        assert written.header.get_zooms() == original.header.get_zooms()
-        assert written.get_data_dtype() == np.uint8
+        assert_same_geometry(written, original)
         expected = scan.reorientation.to_file(masks[name]).astype(np.uint8)
         np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
     voxel_ml = abs(np.linalg.det(original.affine[:3, :3])) / 1000
