@@ -103,3 +103,58 @@ def test_a_single_scan_run_into_its_own_folder_is_not_rediscovered(tmp_path: Pat
     done = [json.loads(x)["case_id"] for x in result.stdout.splitlines() if '"case_done"' in x]
     assert done == ["scan"]
     assert nib.load(str(tmp_path / "o2" / "liver.nii.gz")).shape == (24, 22, 8)
+
+
+# -- stale state and per-case failures (reliability round 2) ------------------------------------
+
+
+def test_a_listed_file_that_does_not_exist_fails_only_its_case(tmp_path: Path, threshold_net) -> None:
+    good = scan(tmp_path / "in", "good.nii.gz")
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"case_id,path\ngood,{good}\nghost,{tmp_path / 'in' / 'missing.nii.gz'}\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["--input-list", str(listing), "-o", str(out), "--tasks", "liver", "--json"])
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["case_id"], f["exit_code"]) for f in failures] == [("ghost", ExitCode.INPUT)]
+    assert (out / "good" / "liver.nii.gz").exists()
+
+
+def test_a_rerun_removes_its_own_stale_temp_files_and_the_masks_of_dropped_tasks(tmp_path: Path,
+                                                                                 threshold_net) -> None:
+    import os
+    import time
+
+    source = scan(tmp_path / "in", "ct.nii.gz")
+    out = tmp_path / "out"
+    assert runner.invoke(app, [str(source), "-o", str(out), "--tasks", "liver,spleen", "-q"]).exit_code == 0
+    assert (out / "spleen.nii.gz").exists()
+    stale = out / ".liver.nii.gz.abc123.tmp.nii.gz"  # what a run killed with -9 mid-write leaves
+    stale.write_bytes(b"half a file")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    fresh = out / ".spleen.nii.gz.xyz789.tmp.nii.gz"  # changed after this run started: kept
+    fresh.write_bytes(b"being written")
+    later = time.time() + 3600
+    os.utime(fresh, (later, later))
+    assert runner.invoke(app, [str(source), "-o", str(out), "--tasks", "liver", "-q"]).exit_code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert not stale.exists() and fresh.exists()
+    assert "spleen.nii.gz" not in names and "liver.nii.gz" in names  # the dropped task's mask is gone
+    marker = json.loads((out / ".uniseg-done.json").read_text())
+    assert "spleen.nii.gz" not in marker["files"]
+
+
+def test_a_marker_that_cannot_be_written_takes_the_case_files_with_it(tmp_path: Path, threshold_net,
+                                                                      monkeypatch) -> None:
+    from unisegcli.errors import OutputError
+    from unisegcli.outputs import markers
+
+    def full_disk(*args, **kwargs):
+        raise OutputError("cannot write into 'out': No space left on device; expected a writable folder.")
+
+    monkeypatch.setattr(markers, "write_marker", full_disk)
+    source = scan(tmp_path / "in", "ct.nii.gz")
+    out = tmp_path / "out"
+    result = runner.invoke(app, [str(source), "-o", str(out), "--tasks", "liver"])
+    assert result.exit_code == ExitCode.OUTPUT, result.output
+    assert files_below(out) == []  # nothing partial: no masks without a marker

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unisegcli.errors import UnisegError
+from unisegcli.errors import OutputError, UnisegError
 from unisegcli.io.cases import LoadedCase
 from unisegcli.io.discovery import CaseInput
 from unisegcli.outputs import markers
@@ -29,12 +29,28 @@ class Planned:
 
 def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
              cohort_folder: Path | None) -> CaseResult:
-    """Predict and write one case (all-or-nothing), then mark it done."""
+    """Predict and write one case (all-or-nothing), then mark it done.
+
+    Stale state of an earlier run of the case goes: its staged temp files (a run killed with
+    -9 leaves them) and the files its marker listed that this run does not write (masks of
+    tasks no longer requested). If the marker itself cannot be written, this run's files are
+    removed again: a case is complete with its marker, or absent.
+    """
     started = time.perf_counter()
-    markers.clear_marker(planned.folder)
+    folder = planned.folder
+    previous = markers.written_files(folder)
+    markers.clear_marker(folder)
+    remove_stale_temp_files(folder, before=segmenter.started)
     segmentation = segmenter.segment_case(loaded)
-    written = segmentation.save(planned.folder, cohort_folder=cohort_folder)
-    markers.write_marker(planned.folder, planned.record, written.files)
+    written = segmentation.save(folder, cohort_folder=cohort_folder)
+    for name in previous - {p.name for p in written.files}:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        markers.write_marker(folder, planned.record, written.files)
+    except OutputError:
+        for path in written.files:
+            path.unlink(missing_ok=True)
+        raise
     return CaseResult(
         case_id=loaded.case.case_id,
         input_path=loaded.case.path,
@@ -45,6 +61,26 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
         files=list(written.files),
         flags={k: list(v) for k, v in (written.flagged or {}).items()},
     )
+
+
+STALE_PATTERNS = (".*.tmp*", ".uniseg-write-test-*")  # io.atomic's staged files, write probes
+
+
+def remove_stale_temp_files(folder: Path, before: float) -> list[Path]:
+    """Remove staged files (``.<name>.<random>.tmp*``, see ``io.atomic``) and write probes that
+    an interrupted run left in ``folder``: only those last changed before ``before`` (this
+    run's start, Unix seconds), so no file of a run writing right now is ever touched."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in (p for pattern in STALE_PATTERNS for p in folder.glob(pattern)):
+        try:
+            if path.is_file() and path.stat().st_mtime < before:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
 
 
 def record_failure(result: Result, events: Any, case: CaseInput, error: UnisegError | tuple[str, str, int], *,

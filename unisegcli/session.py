@@ -98,6 +98,7 @@ class Segmenter:
         self.device = _resolve_device(engine)
         self.family.check(self.card, self.tasks, self.settings)
         self._network = network
+        self.started = time.time()  # a batch removes temp files older than this (casework)
         self.loads = 0  # how many times the weights were loaded (once, or 0 with ``network``)
         self._threads_before: int | None = None
         if engine.threads:
