@@ -559,3 +559,15 @@ def ensure_importable() -> None:
 
 
 ensure_importable()
+
+
+def run_case(loaded: Any, tasks: Sequence[Any], net: Any, folder: Path, *, device: "torch.device | str",
+             batch_size: int | None, step: float, precision: str, outputs: Any) -> Any:
+    """One case through a Segmenter holding ``net`` (registry model 'uniseg', these tasks):
+    predict, then write every output into ``folder``. Returns the written CaseOutputs."""
+    from unisegcli.session import Segmenter
+    from unisegcli.settings import EngineOptions
+
+    engine = EngineOptions(device=str(device), batch_size=batch_size, step=step, precision=precision)
+    with Segmenter("uniseg", [t.name for t in tasks], engine=engine, outputs=outputs, network=net) as segmenter:
+        return segmenter.segment_case(loaded).save(folder)

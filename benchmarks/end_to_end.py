@@ -175,7 +175,6 @@ def run_input(path: Path, tmp_dir: Path, net: Any, task: Any, labels: list[str],
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from unisegcli.api import RunSettings, run_case
     from unisegcli.models.uniseg.predictor import _count_windows
     from unisegcli.io.cases import read_case
     from unisegcli.io.discovery import discover
@@ -192,8 +191,8 @@ def run_input(path: Path, tmp_dir: Path, net: Any, task: Any, labels: list[str],
     configuration = manager.get_configuration("3d_fullres")
     label_manager = manager.get_label_manager(dataset_json)
     threads = torch.get_num_threads()
-    settings = RunSettings(device=str(device), batch_size=args.batch_size or (4 if gpu else 1), step=0.5,
-                           tta=False, precision="auto" if gpu else "fp32")
+    engine = dict(device=device, batch_size=args.batch_size or (4 if gpu else 1), step=0.5,
+                  precision="auto" if gpu else "fp32")
     options = OutputOptions(statistics=False)
     case = discover([path])[0]
     name = case.case_id
@@ -205,8 +204,7 @@ def run_input(path: Path, tmp_dir: Path, net: Any, task: Any, labels: list[str],
         loaded = read_case(case)
         clock["read"] = time.perf_counter() - start
         with stage_clock(clock):
-            result = run_case(loaded, [task], net, tmp_dir / "uniseg" / name, settings=settings,
-                              outputs=options, device=device)
+            result = common.run_case(loaded, [task], net, tmp_dir / "uniseg" / name, outputs=options, **engine)
         for stage, seconds in clock.items():
             stages["uniseg"][stage].append(seconds)
         return result
@@ -270,7 +268,7 @@ def run_input(path: Path, tmp_dir: Path, net: Any, task: Any, labels: list[str],
         if mask_path is not None:
             ours_labels[np.asarray(nib.load(str(mask_path)).dataobj) > 0] = index
     agreement = float((ours_labels == theirs).mean())
-    v2_labels = v2_semantics_labels(case, task, net, patch, settings, device, len(labels))
+    v2_labels = v2_semantics_labels(case, task, net, patch, engine, device, len(labels))
     agreement_v2 = float((v2_labels == theirs).mean())
     return {
         "input": name,
@@ -288,7 +286,7 @@ def run_input(path: Path, tmp_dir: Path, net: Any, task: Any, labels: list[str],
     }
 
 
-def v2_semantics_labels(case: Any, task: Any, net: Any, patch: tuple[int, int, int], settings: Any,
+def v2_semantics_labels(case: Any, task: Any, net: Any, patch: tuple[int, int, int], engine: dict[str, Any],
                         device: Any, channels: int) -> np.ndarray:
     """Our library's stages in nnU-Net v2's order (normalise, then resample; blend logits),
     untimed: label map in the file's voxel order. Agreement with nnU-Net here checks the
@@ -303,7 +301,7 @@ def v2_semantics_labels(case: Any, task: Any, net: Any, patch: tuple[int, int, i
     x, trace = preprocess_volume(loaded.scan.data, loaded.scan.spacing_mm, task.spacing_mm, [scheme],
                                  device, normalize_first=True)
     (logits,) = sliding_window(x, net, patch, heads=[Head(task.index, channels)], step=0.5,
-                               batch_size=settings.batch_size, precision=settings.precision, activation=None)
+                               batch_size=engine["batch_size"], precision=engine["precision"], activation=None)
     return loaded.scan.reorientation.to_file(restore_label_map(logits, trace))
 
 

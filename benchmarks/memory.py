@@ -199,7 +199,6 @@ def child(scenario: str, input_path: Path, step: float, threads: int | None, dev
             torch.set_num_threads(threads)
         import unisegcli.models.uniseg.predictor as predictor
         import unisegcli.outputs.writer as writer
-        from unisegcli.api import RunSettings, run_case
         from unisegcli.inference.engine import resolve_device
         from unisegcli.io.cases import read_case
         from unisegcli.io.discovery import discover
@@ -234,9 +233,8 @@ def child(scenario: str, input_path: Path, step: float, threads: int | None, dev
             loaded = read_case(case)
         with tempfile.TemporaryDirectory(prefix="uniseg-mem-") as out:
             with sampler.during("pipeline (other)"):
-                settings = RunSettings(device=str(device), step=step, batch_size=1, precision="fp32")
-                result = run_case(loaded, tasks, net, Path(out), device=device, settings=settings,
-                                  outputs=OutputOptions())
+                result = common.run_case(loaded, tasks, net, Path(out), device=device, step=step, batch_size=1,
+                                         precision="fp32", outputs=OutputOptions())
         voxel_ml = SPACING_ZYX[0] * SPACING_ZYX[1] * SPACING_ZYX[2] / 1000.0
         volumes = list(result.volumes_ml.values())
         foreground = sum(volumes) / max(1, len(volumes)) / (loaded.scan.data[0].size * voxel_ml)

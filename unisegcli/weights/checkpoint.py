@@ -14,7 +14,6 @@ globals) whose one-line message names the file and says what to do.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection
+from typing import TYPE_CHECKING, Callable, Collection
 from urllib.parse import parse_qs, quote, urlencode, urljoin, urlparse
 
 from unisegcli.errors import ChecksumError, DownloadError
