@@ -23,14 +23,17 @@ demo: venv
 	$(VENV)/bin/uniseg examples/example_ct.nii.gz -o out/demo --model uniseg-demo \
 		--tasks liver,spleen,kidney,pancreas --preview
 
+# The default suite (the one-node Slurm tests included; they skip without root), then the
+# container recipe in a Debian chroot (skips without root): what CI runs.
 test: venv
 	$(PY) -m pytest -m "not slow and not gpu and not network" $(PYTEST_ARGS)
+	$(MAKE) test-container
 
-# The container recipe without a container runtime (root; CI runs it after `make test`): a
+# The container recipe without a container runtime (root; `make test` runs it last): a
 # Debian root file system (debootstrap, cached in /var/cache/uniseg-rootfs), the image's install
 # script in it, then uniseg and the demo as the image's user. See README "Run in a container".
 test-container: venv
-	$(PY) -m pytest -s -m slow tests/test_container.py $(PYTEST_ARGS)
+	$(PY) -m pytest -s -m slow tests/test_container.py
 
 # Every benchmark in its default size (~25 min on 2 CPU cores); BENCH_ARGS="--device cuda"
 # on a GPU. Each prints its table and writes benchmarks/results/*.json (see RESULTS.md).
