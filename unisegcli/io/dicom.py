@@ -49,6 +49,7 @@ from unisegcli.io.dicom_series import (  # noqa: F401  (the geometry errors are 
     sort_slices,
 )
 from unisegcli.io.nifti import Scan, read_scan
+from unisegcli.io.nifti_header import MAX_VOXELS_ENV, max_voxels, require_regular_file
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -222,7 +223,7 @@ def _series_table(images: list[tuple[str, "Dataset"]]) -> dict[str, list[tuple[s
 def _describe(uid: str, members: list[tuple[str, "Dataset"]]) -> SeriesInfo:
     first = members[0][1]
     folders = {str(PurePosixPath(name).parent) for name, _ in members}
-    frames = sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for _, ds in members)
+    frames = sum(number_of_frames(ds) for _, ds in members)
     return SeriesInfo(
         uid=uid,
         description=str(getattr(first, "SeriesDescription", "") or "")[:64],
@@ -269,6 +270,7 @@ def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSo
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"input '{path}' does not exist; expected a DICOM series folder or a .zip of one.")
+    require_regular_file(path, "DICOM input")  # a FIFO would block the zip reader
     with tempfile.TemporaryDirectory(prefix="uniseg-dicom-") as tmp:
         tmp_dir = Path(tmp)
         if path.is_file():
@@ -289,7 +291,7 @@ def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSo
             )
         redact = Redactor.from_datasets([ds for _, ds in images])
         members = _choose_series(_series_table(images), series_uid, path, redact)
-        if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in members):
+        if any(number_of_frames(ds) > 1 for _, ds in members):
             volume_ijk, affine = read_multiframe(folder, members, path, redact)
             multiframe = True
         else:
@@ -334,7 +336,15 @@ def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path,
     import pydicom
 
     first = members[0][1]
-    volume = np.empty((int(first.Columns), int(first.Rows), len(members)), dtype=np.float32)
+    shape = (int(first.Columns), int(first.Rows), len(members))
+    budget = max_voxels()
+    if shape[0] * shape[1] * shape[2] > budget:
+        raise ImageShapeError(
+            f"the series in '{path}' has {shape[2]} slices of {shape[1]}x{shape[0]} = "
+            f"{shape[0] * shape[1] * shape[2]:,} voxels; expected at most {budget:,} ({MAX_VOXELS_ENV}). "
+            f"Crop or resample the series, or raise {MAX_VOXELS_ENV}."
+        )
+    volume = np.empty(shape, dtype=np.float32)
     with quiet_pydicom():
         for k, (name, _) in enumerate(members):
             try:
@@ -343,7 +353,7 @@ def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path,
                 raise ImageFormatError(
                     redact(f"cannot read '{name}' in '{path}' (truncated or corrupt); re-copy the series.")
                 ) from None
-            if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
+            if str(getattr(ds, "SamplesPerPixel", 1)).strip() not in ("1", ""):
                 raise ImageShapeError(
                     redact(f"'{name}' in '{path}' is a colour image; expected greyscale CT/MR/PET slices.")
                 )
@@ -352,20 +362,60 @@ def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path,
                     redact(f"'{name}' in '{path}' has no pixel data (truncated?); expected an image. Re-copy it.")
                 )
             pixels = _pixels(ds, name, path, redact)
-            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+            if pixels.shape != volume.shape[1::-1]:
+                raise ImageFormatError(redact(
+                    f"'{name}' in '{path}' decodes to {pixels.shape} pixels but its header says Rows x "
+                    f"Columns {volume.shape[1]} x {volume.shape[0]}; the file is damaged. Re-export the series."
+                ))
+            slope = _rescale(ds, "RescaleSlope", 1.0, name, path, redact)
+            intercept = _rescale(ds, "RescaleIntercept", 0.0, name, path, redact)
             # pixel_array is [rows, columns] = [j, i]; the volume is stored (i, j, k).
             volume[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
     return volume
+
+
+def number_of_frames(ds: "Dataset") -> int:
+    """NumberOfFrames (1 when absent); a garbled value is an ImageFormatError."""
+    value = getattr(ds, "NumberOfFrames", 1)
+    try:
+        return max(int(value or 1), 1)
+    except (TypeError, ValueError):
+        raise ImageFormatError(
+            f"a DICOM file has NumberOfFrames {str(value)[:20]!r}; expected a whole number. The "
+            "file is damaged: re-export the series."
+        ) from None
+
+
+def _rescale(ds: "Dataset", keyword: str, default: float, name: str, path: Path, redact: Redactor) -> float:
+    """RescaleSlope / RescaleIntercept as a finite float (default when absent or empty)."""
+    value = getattr(ds, keyword, None)
+    try:
+        number = float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        number = float("nan")
+    if keyword == "RescaleSlope" and number == 0:
+        number = default  # a zero slope means "not set" in practice, as nibabel reads scl_slope
+    if not np.isfinite(number):
+        raise ImageFormatError(redact(
+            f"'{name}' in '{path}' has {keyword} {str(value)[:20]!r}; expected a finite number. "
+            "The file is damaged: re-export the series."
+        ))
+    return number
 
 
 def _to_scan(volume_ijk: np.ndarray, affine_ras: np.ndarray, path: Path, tmp_dir: Path) -> Scan:
     """Go through a temporary NIfTI so the Scan is built exactly like the NIfTI path's."""
     import nibabel as nib
 
-    image = nib.Nifti1Image(volume_ijk, affine_ras)
-    image.set_sform(affine_ras, code=1)  # 1 = scanner coordinates, as DICOM positions are
-    image.set_qform(affine_ras, code=1)
+    try:
+        image = nib.Nifti1Image(volume_ijk, affine_ras)
+        image.set_sform(affine_ras, code=1)  # 1 = scanner coordinates, as DICOM positions are
+        image.set_qform(affine_ras, code=1)
+    except (ValueError, nib.spatialimages.HeaderDataError):
+        raise DicomGeometryError(
+            f"the slices of '{path}' do not span a 3D volume (their orientation and positions give a "
+            "degenerate voxel-to-world matrix); expected parallel slices along the normal. Re-export the series."
+        ) from None
     image.header.set_xyzt_units("mm", "sec")
     tmp_file = tmp_dir / "series.nii"  # uncompressed: written and read once, speed matters
     nib.save(image, str(tmp_file))
