@@ -25,7 +25,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Collection, Iterator
+from typing import IO, Any, Collection, Iterator
 
 from unisegcli.errors import ChecksumError, OfflineError, WeightsError
 from unisegcli.weights.cards import FileCard, ModelCard
@@ -106,8 +106,30 @@ def read_manifest(card: ModelCard) -> dict[str, dict]:
             f"cannot read the cache manifest {path}: {exc}; expected a JSON file written by uniseg. "
             f"Run `uniseg weights remove {card.name} --yes` and download or import the model again."
         ) from exc
-    files = data.get("files", {}) if isinstance(data, dict) else {}
-    return files if isinstance(files, dict) else {}
+    files = data.get("files", {}) if isinstance(data, dict) else data
+    problem = _manifest_problem(files)
+    if problem:
+        raise WeightsError(
+            f"the cache manifest {path} is damaged: {problem}; expected the JSON object uniseg writes "
+            f"({{\"files\": {{name: {{\"sha256\": ..., \"size_bytes\": ...}}}}}}). "
+            f"Run `uniseg weights remove {card.name} --yes` and download or import the model again."
+        )
+    return files
+
+
+def _manifest_problem(files: Any) -> str | None:
+    """What is wrong with a manifest's "files" value, or None."""
+    if not isinstance(files, dict):
+        return f"its files are {type(files).__name__}, not an object"
+    for name, entry in files.items():
+        if not isinstance(entry, dict):
+            return f"the entry of '{name}' is {type(entry).__name__}, not an object"
+        size, sha = entry.get("size_bytes"), entry.get("sha256")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            return f"the size_bytes of '{name}' is {size!r}, not a byte count"
+        if sha is not None and not isinstance(sha, str):
+            return f"the sha256 of '{name}' is {type(sha).__name__}, not a hex string"
+    return None
 
 
 def commit_file(
