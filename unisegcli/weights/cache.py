@@ -370,6 +370,27 @@ def _stage(card: ModelCard, file: FileCard, reader: IO[bytes], origin: str) -> t
     return tmp, sha, size
 
 
+def _test_load(file: FileCard, staged: Path, origin: str) -> None:
+    """Load a staged weights/plans file with the loaders a run uses (safe_pickle, weights-only
+    torch.load, safetensors); a file a run would refuse is refused here, under its own name."""
+    from unisegcli.errors import CheckpointError
+
+    if not file.name.lower().endswith((".model", ".pth", ".pt", ".ckpt", ".pkl", ".safetensors")):
+        return
+    from unisegcli.weights.checkpoint import check_loadable
+
+    with tempfile.TemporaryDirectory(dir=staged.parent, prefix=".check.") as folder:
+        named = Path(folder) / file.name  # messages then name the file, not the staging name
+        try:
+            os.link(staged, named)
+        except OSError:
+            named = staged
+        try:
+            check_loadable(named)
+        except CheckpointError as exc:
+            raise type(exc)(f"{origin}: {str(exc).rstrip('.')}. Nothing was imported.") from None
+
+
 def import_model(card: ModelCard, source: Path) -> dict[str, Path]:
     """Copy a model's files from a file, a folder or a .zip into the cache; return them by role.
 
@@ -405,6 +426,8 @@ def import_model(card: ModelCard, source: Path) -> dict[str, Path]:
                         with open(item, "rb") as reader:
                             tmp, sha, size = _stage(card, f, reader, origin)
                     staged.append((f, tmp, sha, size, origin))
+            for f, tmp, _, _, origin in staged:
+                _test_load(f, tmp, origin)  # a run would refuse it: refuse it now, before the cache
             for f, tmp, sha, size, origin in staged:
                 commit_file(card, f, tmp, sha256=sha, size_bytes=size, source=origin)
         except (OSError, zipfile.BadZipFile) as exc:
