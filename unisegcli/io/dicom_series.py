@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Slices may deviate this much (relative) from the median spacing; scanners jitter a little.
 SPACING_TOLERANCE = 0.1
+MAX_POSITION_MM = 1e6  # 1 km from the scanner's origin: anything farther is a damaged header
 
 
 class DicomGeometryError(ImageValueError):
@@ -124,17 +125,10 @@ def _checked_geometry(
     return iop, spacing, shape
 
 
-def sort_slices(
-    members: list[tuple[str, "Dataset"]], path: Path, redact: Callable[[str], str], unreadable: int = 0
-) -> tuple[list[tuple[str, "Dataset"]], np.ndarray]:
-    """Sort a single-frame series along its normal and check it is one regular volume.
-
-    members: (file name, header) pairs of one series. Returns the sorted pairs and the RAS
-    affine of the (column, row, slice) volume. Raises DicomGeometryError for missing
-    geometry, mixed orientations, sizes or spacings, duplicate or uneven positions, and
-    MissingSlicesError for gaps.
-    """
-    hint = f" ({unreadable} file(s) could not be parsed and may be the missing ones)" if unreadable else ""
+def _series_geometry(
+    members: list[tuple[str, "Dataset"]], path: Path, redact: Callable[[str], str], hint: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ImageOrientationPatient, PixelSpacing) shared by every slice of a series of ≥ 2 slices."""
     for name, ds in members:
         absent = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
         if absent:
@@ -163,11 +157,32 @@ def sort_slices(
                 f"the series in '{path}' mixes slice sizes or pixel spacings (first {shape[0]}x{shape[1]} "
                 f"at {spacing.tolist()} mm); expected identical slices. Export one reconstruction."
             )
+    return iop, spacing
+
+
+def sort_slices(
+    members: list[tuple[str, "Dataset"]], path: Path, redact: Callable[[str], str], unreadable: int = 0
+) -> tuple[list[tuple[str, "Dataset"]], np.ndarray]:
+    """Sort a single-frame series along its normal and check it is one regular volume.
+
+    members: (file name, header) pairs of one series. Returns the sorted pairs and the RAS
+    affine of the (column, row, slice) volume. Raises DicomGeometryError for missing
+    geometry, mixed orientations, sizes or spacings, duplicate or uneven positions, and
+    MissingSlicesError for gaps.
+    """
+    hint = f" ({unreadable} file(s) could not be parsed and may be the missing ones)" if unreadable else ""
+    iop, spacing = _series_geometry(members, path, redact, hint)
     row_cos, col_cos = iop[:3], iop[3:]
     normal = np.cross(row_cos, col_cos)
     positions = np.array([
         _geometry_value(ds, "ImagePositionPatient", 3, f"'{name}' in '{path}'", redact) for name, ds in members
     ])
+    if np.abs(positions).max() > MAX_POSITION_MM:
+        raise DicomGeometryError(
+            f"the series in '{path}' has an ImagePositionPatient {np.abs(positions).max():.4g} mm from the "
+            f"origin; expected positions within {MAX_POSITION_MM / 1e6:g} km. The geometry is damaged: "
+            "re-export the series."
+        )
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     members = [members[i] for i in order]
@@ -181,6 +196,12 @@ def sort_slices(
             "series?). Export a single volume."
         )
     step = float(np.median(steps))
+    if not MIN_SPACING_MM <= step < MAX_SPACING_MM:
+        raise DicomGeometryError(
+            f"the series in '{path}' has slices {step:.4g} mm apart (ImagePositionPatient along the "
+            f"normal); expected {MIN_SPACING_MM:g} mm to {MAX_SPACING_MM / 1000:g} m. The geometry is "
+            "damaged: re-export the series."
+        )
     worst = int(np.argmax(np.abs(steps - step)))
     if steps[worst] >= 1.5 * step:
         missing = int(round(steps[worst] / step)) - 1

@@ -194,8 +194,11 @@ def _spatial_checks(image: "nib.Nifti1Image", path: Path) -> tuple[int, ...]:
             f"'{path}' has voxel spacing {tuple(float(z) for z in zooms)} mm; expected positive "
             "finite spacings below 10 m. Fix the header (pixdim)."
         )
+    from nibabel.orientations import io_orientation
+
     affine = image.affine
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if (not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12
+            or np.isnan(io_orientation(affine)).any()):  # a voxel axis with no world direction
         raise ImageValueError(
             f"'{path}' has a non-invertible or non-finite affine; expected a valid voxel-to-world "
             "matrix. Fix the qform/sform of the file."
@@ -227,12 +230,15 @@ def _to_scan(image: "nib.Nifti1Image", raw: RawHeader, shape: tuple[int, ...], p
     """Read, check and reorient the voxels of a checked image."""
     from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-    pixels = _read_pixels(image, raw, path).reshape(shape)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as Inf, refused below
+        pixels = _read_pixels(image, raw, path).reshape(shape)
     if not np.isfinite(pixels).all():
         bad = int(np.size(pixels) - np.count_nonzero(np.isfinite(pixels)))
+        slope, inter = raw.header.get_slope_inter()
+        scaled = f" after its scaling (scl_slope {slope:g}, scl_inter {inter or 0:g})" if slope is not None else ""
         raise ImageValueError(
-            f"'{path}' has {bad} NaN/Inf voxels; expected finite intensities. "
-            "Replace them (e.g. with the background value) before segmenting."
+            f"'{path}' has {bad} NaN/Inf voxels{scaled}; expected finite intensities. "
+            "Replace them (e.g. with the background value) or fix scl_slope/scl_inter before segmenting."
         )
     if pixels.ndim == 3:
         pixels = pixels[..., None]

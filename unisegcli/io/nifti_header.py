@@ -181,6 +181,25 @@ def _check_spacing(path: Path, header: Any, ndim: int) -> None:
         )
 
 
+def _check_scaling_and_quaternion(path: Path, header: Any) -> None:
+    """What nibabel would reject with a bare message: an intercept without a finite value next
+    to a used slope, and a qform quaternion that is not a rotation (b² + c² + d² > 1)."""
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if np.isfinite(slope) and slope != 0 and not np.isfinite(inter):
+        raise ImageValueError(
+            f"'{path}' has intensity scaling scl_slope {slope:g} with scl_inter {inter:g}; expected a "
+            "finite intercept. Fix the header (scl_inter = 0) or re-export the scan."
+        )
+    if int(header["qform_code"]) > 0:
+        quaternion = np.array([float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")])
+        if not np.all(np.isfinite(quaternion)) or quaternion @ quaternion > 1 + 3 * np.finfo(np.float32).eps:
+            raise ImageValueError(
+                f"'{path}' has a qform quaternion (b, c, d) = {tuple(round(float(q), 4) for q in quaternion)} "
+                "that is not a rotation (b² + c² + d² must be ≤ 1); expected a valid qform. Set qform_code "
+                "to 0 or re-export the scan."
+            )
+
+
 def _check_budget(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
     voxels = int(np.prod([max(s, 0) for s in shape], dtype=object))
     budget = max_voxels()
@@ -208,6 +227,7 @@ def read_raw_header(path: Path) -> RawHeader:
             f"'{path}' says its voxels start at byte {offset:g} (vox_offset); expected a position "
             f"after the {size}-byte header. {_FIX}"
         )
+    _check_scaling_and_quaternion(path, header)
     raw = RawHeader(header, shape, dtype, int(offset), data_bytes, compressed)
     if not compressed:
         _check_file_size(path, raw)
