@@ -45,7 +45,9 @@ from unisegcli.io.dicom_series import (  # noqa: F401  (the geometry errors are 
     DicomGeometryError,
     MissingSlicesError,
     SeriesInfo,
+    number_of_frames,
     read_multiframe,
+    rescale_value,
     sort_slices,
 )
 from unisegcli.io.nifti import Scan, read_scan
@@ -367,40 +369,11 @@ def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path,
                     f"'{name}' in '{path}' decodes to {pixels.shape} pixels but its header says Rows x "
                     f"Columns {volume.shape[1]} x {volume.shape[0]}; the file is damaged. Re-export the series."
                 ))
-            slope = _rescale(ds, "RescaleSlope", 1.0, name, path, redact)
-            intercept = _rescale(ds, "RescaleIntercept", 0.0, name, path, redact)
+            slope = rescale_value(ds, "RescaleSlope", 1.0, name, path, redact)
+            intercept = rescale_value(ds, "RescaleIntercept", 0.0, name, path, redact)
             # pixel_array is [rows, columns] = [j, i]; the volume is stored (i, j, k).
             volume[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
     return volume
-
-
-def number_of_frames(ds: "Dataset") -> int:
-    """NumberOfFrames (1 when absent); a garbled value is an ImageFormatError."""
-    value = getattr(ds, "NumberOfFrames", 1)
-    try:
-        return max(int(value or 1), 1)
-    except (TypeError, ValueError):
-        raise ImageFormatError(
-            f"a DICOM file has NumberOfFrames {str(value)[:20]!r}; expected a whole number. The "
-            "file is damaged: re-export the series."
-        ) from None
-
-
-def _rescale(ds: "Dataset", keyword: str, default: float, name: str, path: Path, redact: Redactor) -> float:
-    """RescaleSlope / RescaleIntercept as a finite float (default when absent or empty)."""
-    value = getattr(ds, keyword, None)
-    try:
-        number = float(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        number = float("nan")
-    if keyword == "RescaleSlope" and number == 0:
-        number = default  # a zero slope means "not set" in practice, as nibabel reads scl_slope
-    if not np.isfinite(number):
-        raise ImageFormatError(redact(
-            f"'{name}' in '{path}' has {keyword} {str(value)[:20]!r}; expected a finite number. "
-            "The file is damaged: re-export the series."
-        ))
-    return number
 
 
 def _to_scan(volume_ijk: np.ndarray, affine_ras: np.ndarray, path: Path, tmp_dir: Path) -> Scan:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from unisegcli.errors import ImageShapeError, ImageValueError
+from unisegcli.errors import ImageFormatError, ImageShapeError, ImageValueError
 from unisegcli.io.nifti_header import MAX_SPACING_MM, MIN_SPACING_MM
 
 if TYPE_CHECKING:
@@ -219,6 +219,37 @@ def sort_slices(
         )
     slice_vector = (positions[-1] - positions[0]) / (len(members) - 1)
     return members, dicom_affine_ras(row_cos, col_cos, tuple(spacing), positions[0], slice_vector)  # type: ignore[arg-type]
+
+
+def number_of_frames(ds: "Dataset") -> int:
+    """NumberOfFrames (1 when absent); a garbled value is an ImageFormatError."""
+    value = getattr(ds, "NumberOfFrames", 1)
+    try:
+        return max(int(value or 1), 1)
+    except (TypeError, ValueError):
+        raise ImageFormatError(
+            f"a DICOM file has NumberOfFrames {str(value)[:20]!r}; expected a whole number. The "
+            "file is damaged: re-export the series."
+        ) from None
+
+
+def rescale_value(
+    ds: "Dataset", keyword: str, default: float, name: str, path: Path, redact: Callable[[str], str]
+) -> float:
+    """RescaleSlope / RescaleIntercept as a finite float (default when absent or empty)."""
+    value = getattr(ds, keyword, None)
+    try:
+        number = float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        number = float("nan")
+    if keyword == "RescaleSlope" and number == 0:
+        number = default  # a zero slope means "not set" in practice, as nibabel reads scl_slope
+    if not np.isfinite(number):
+        raise ImageFormatError(redact(
+            f"'{name}' in '{path}' has {keyword} {str(value)[:20]!r}; expected a finite number. "
+            "The file is damaged: re-export the series."
+        ))
+    return number
 
 
 def read_multiframe(
