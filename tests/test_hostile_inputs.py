@@ -252,6 +252,9 @@ DICOM_CASES = [
     ("zero pixel spacing", dict(edit=_set("PixelSpacing", ["0", "0"])), "PixelSpacing"),
     ("five orientation values", dict(edit=_set("ImageOrientationPatient", ["1", "0", "0", "0", "1"])),
      "6 finite numbers"),
+    ("orientation that overflows a norm (fuzzer)",
+     dict(edit=_set("ImageOrientationPatient", ["0", "0", "0", "0", "0", "1.34079e+154"])), "unit vectors"),
+    ("rescale slope that overflows float32", dict(edit=_set("RescaleSlope", "1e300")), "not finite after RescaleSlope"),
     ("garbled rescale slope", dict(edit=_set("RescaleSlope", "7.5"), raw=(b"7.5", b"x-y")), "RescaleSlope"),
 ]
 

@@ -35,8 +35,10 @@ import numpy as np
 from unisegcli.errors import (
     ImageFormatError,
     ImageShapeError,
+    ImageValueError,
     InputError,
     InputNotFoundError,
+    UnisegError,
     UsageError,
 )
 from unisegcli.io.archive import unsafe_member
@@ -372,7 +374,14 @@ def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path,
             slope = rescale_value(ds, "RescaleSlope", 1.0, name, path, redact)
             intercept = rescale_value(ds, "RescaleIntercept", 0.0, name, path, redact)
             # pixel_array is [rows, columns] = [j, i]; the volume is stored (i, j, k).
-            volume[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
+            with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                scaled = (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
+            if not np.isfinite(scaled).all():
+                raise ImageValueError(redact(
+                    f"'{name}' in '{path}' has pixels that are not finite after RescaleSlope {slope:g} and "
+                    f"RescaleIntercept {intercept:g}; expected finite intensities. Re-export the series."
+                ))
+            volume[:, :, k] = scaled.T
     return volume
 
 
@@ -393,7 +402,10 @@ def _to_scan(volume_ijk: np.ndarray, affine_ras: np.ndarray, path: Path, tmp_dir
     tmp_file = tmp_dir / "series.nii"  # uncompressed: written and read once, speed matters
     nib.save(image, str(tmp_file))
     del image
-    scan = read_scan(tmp_file)
+    try:
+        scan = read_scan(tmp_file)
+    except UnisegError as exc:  # name the DICOM input, not the temporary file
+        raise type(exc)(str(exc).replace(str(tmp_file), str(path))) from None
     # The template must outlive the temp file: keep its header, and as data a view of
     # scan.data in file order (no second copy of the volume in memory).
     header = scan.image.header

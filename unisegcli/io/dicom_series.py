@@ -101,7 +101,8 @@ def _checked_geometry(
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """(ImageOrientationPatient, PixelSpacing, (Rows, Columns)) of one file, validated."""
     iop = _geometry_value(ds, "ImageOrientationPatient", 6, where, redact)
-    norms = np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])
+    in_range = bool(np.abs(iop).max() <= 1.01)  # direction cosines: no overflow in the norms below
+    norms = (np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])) if in_range else (0.0, 0.0)
     if not all(abs(n - 1.0) < 0.01 for n in norms) or abs(float(iop[:3] @ iop[3:])) > 0.01:
         raise DicomGeometryError(redact(
             f"{where} has ImageOrientationPatient {[round(float(v), 4) for v in iop]}; expected two "
