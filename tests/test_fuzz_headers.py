@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import struct
 import tempfile
+import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -30,7 +31,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from unisegcli.errors import ExitCode, UnisegError  # noqa: E402
 
-PEAK_BYTES = 64 * 1024**2  # generated files hold at most ~100 KB of voxels
+PEAK_BYTES = 64 * 1024**2  # generated files hold at most ~200 KB of voxels
+SECONDS = 60.0  # per file; generous for a loaded 2-core runner, a hang or a bomb takes far longer
 FAST = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SLOW = settings(max_examples=10_000, deadline=None, database=None,
@@ -91,6 +93,7 @@ def nifti_files(draw: Any) -> tuple[bytes, bool]:
 
 def read_checked(reader, path: Path) -> None:
     """Run a reader as the CLI would; only UnisegError may escape, with a one-line message."""
+    started = time.monotonic()
     tracemalloc.start()
     try:
         with warnings.catch_warnings():
@@ -107,6 +110,7 @@ def read_checked(reader, path: Path) -> None:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < PEAK_BYTES, f"reading took {peak / 1024**2:.0f} MiB"
+    assert time.monotonic() - started < SECONDS, "reading a file of < 200 KB took too long"
 
 
 def _check_nifti(case: tuple[bytes, bool]) -> None:

@@ -68,7 +68,7 @@ def max_voxels() -> int:
         return DEFAULT_MAX_VOXELS
     try:
         value = int(float(raw)) if "e" in raw.lower() else int(raw)
-    except ValueError:
+    except (ValueError, OverflowError):
         value = 0
     if value <= 0:
         raise UsageError(
