@@ -7,8 +7,8 @@ the file holds (the voxel budget is checked from the header before any allocatio
 tracemalloc's peak stays small), and never warns (a warning would be a second line on
 stderr). A handful of generated files also go through the CLI (CliRunner).
 
-``test_nifti_headers_fast`` / ``test_dicom_tags_fast`` run in the default suite (300 and 100
-examples, derandomized); the ``slow``-marked twins run 10,000 random examples each.
+``test_nifti_headers_fast`` / ``test_dicom_tags_fast`` run in the default suite (300
+examples each, derandomized); the ``slow``-marked twins run 10,000 random examples each.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _check_dicom(slices: list[dict[str, Any]]) -> None:
         read_checked(read_dicom, folder)
 
 
-@settings(FAST, max_examples=100)
+@FAST
 @given(dicom_series())
 def test_dicom_tags_fast(slices: list[dict[str, Any]]) -> None:
     pytest.importorskip("pydicom")
