@@ -319,3 +319,21 @@ def test_weights_import_refuses_a_pickle_a_run_would_refuse(tmp_path: Path, monk
     assert_one_line(result, ExitCode.WEIGHTS, "refused to load global 'posix.system'")
     assert "Nothing was imported" in result.stderr
     assert [p.name for p in (tmp_path / "home").rglob("*") if p.is_file() and p.suffix != ".lock"] == []
+
+
+@pytest.mark.timeout(120)
+def test_piped_input_list_resolves_paths_from_the_current_folder(tmp_path: Path, monkeypatch) -> None:
+    """`--input-list <(ls *.nii.gz)` passes a pipe: it is read (no hang: a writer is there),
+    and its relative paths are taken from the current folder, not from /dev/fd."""
+    import threading
+
+    from unisegcli.io.discovery import read_input_list
+
+    monkeypatch.chdir(tmp_path)
+    pipe = tmp_path / "list.pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text("\ufeffa.nii.gz\nsub/b.nii.gz\n"))
+    writer.start()
+    cases = read_input_list(pipe)
+    writer.join()
+    assert [c.path for c in cases] == [tmp_path / "a.nii.gz", tmp_path / "sub" / "b.nii.gz"]

@@ -161,7 +161,8 @@ def read_input_list(source: str | Path, stdin: TextIO | None = None) -> list[Cas
                 f"input list '{source}' {'is a folder' if path.is_dir() else 'does not exist'}; "
                 "expected a text file with one path per line or a CSV with case_id,path columns."
             )
-        text, base = _read_list_text(path, source), path.parent
+        # Paths in a list file are relative to its folder; in a piped list, to the current one.
+        text, base = _read_list_text(path, source), path.parent if path.is_file() else Path.cwd()
     text = text.removeprefix("\ufeff")  # Excel's "CSV UTF-8" starts with a byte order mark
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
