@@ -276,41 +276,72 @@ def test_weights_missing_in_offline_mode(tmp_path: Path, monkeypatch) -> None:
 # -- Ctrl-C during a batch ------------------------------------------------------------------
 
 
+GATED_NETWORK = """\
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import conftest
+import unisegcli.session
+
+GATE = Path({gate!r})
+
+
+class Gated(conftest.ThresholdNet):
+    \"\"\"Blocks in the first decode after case0's done marker exists: case1 is then mid-network.\"\"\"
+
+    def decode(self, features, task_index):
+        if Path({marker!r}).exists():
+            (GATE / "inside").touch()
+            while not (GATE / "release").exists():  # SIGINT interrupts this wait
+                time.sleep(0.01)
+        return super().decode(features, task_index)
+
+
+unisegcli.session.load_network = lambda segmenter: Gated()
+"""
+
+
+def wait_for(path: Path, proc: subprocess.Popen, limit_s: float = 300.0) -> None:
+    """Until ``path`` exists; fails (instead of hanging) if the process ends first."""
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        assert proc.poll() is None, f"uniseg ended ({proc.returncode}) before {path.name} appeared"
+        assert time.monotonic() < deadline, f"{path.name} did not appear in {limit_s} s"
+        time.sleep(0.01)
+
+
 def test_sigint_during_a_batch_stops_cleanly(tmp_path: Path) -> None:
-    """SIGINT mid-batch: exit 130, finished cases intact with markers, the current one absent."""
+    """SIGINT mid-batch: exit 130, finished cases intact with markers, the current one absent.
+
+    Ordered by events, not by timing: the stand-in network blocks inside case1 (the first
+    decode after case0's done marker was written) until the test has sent SIGINT.
+    """
     inputs = tmp_path / "in"
     inputs.mkdir()
     for k in range(4):
         ct(inputs, f"case{k}.nii.gz")
-    hook = tmp_path / "hook"
+    out, gate, hook = tmp_path / "out", tmp_path / "gate", tmp_path / "hook"
+    gate.mkdir()
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import unisegcli.session, conftest\n"
-        "class Slow(conftest.ThresholdNet):\n"
-        "    def decode(self, f, t):\n"
-        "        time.sleep(0.4)\n"
-        "        return super().decode(f, t)\n"
-        "unisegcli.session.load_network = lambda segmenter: Slow()\n"
-    )
-    out = tmp_path / "out"
+    (hook / "sitecustomize.py").write_text(GATED_NETWORK.format(
+        tests=str(Path(__file__).parent), gate=str(gate), marker=str(out / "case0" / ".uniseg-done.json")))
+    repo = Path(__file__).resolve().parent.parent  # the tree under test, not an installed copy
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("uniseg")), str(inputs), "-o", str(out), "--tasks", "liver", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(hook)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(repo)])},
     )
-    assert proc.stdout is not None
-    for line in proc.stdout:  # wait until the first case is done, then interrupt the second
-        if json.loads(line)["event"] == "case_done":
-            break
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    rest, stderr = proc.communicate(timeout=120)
+    try:
+        wait_for(gate / "inside", proc)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        (gate / "release").touch()
+    rest, stderr = proc.communicate(timeout=300)
     assert proc.returncode == ExitCode.INTERRUPTED, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert json.loads(rest.splitlines()[-1])["interrupted"] is True
     done = sorted(p.parent.name for p in out.glob("*/.uniseg-done.json"))
-    assert done and "case3" not in done
+    assert done == ["case0"]
     for folder in (p for p in out.iterdir() if p.is_dir()):
         files = sorted(p.name for p in folder.iterdir())
         if folder.name in done:

@@ -175,7 +175,8 @@ def test_two_processes_with_different_shards_share_one_folder(tmp_path: Path) ->
         "import unisegcli.session, conftest\n"
         "unisegcli.session.load_network = lambda segmenter: conftest.ThresholdNet()\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(hook)}
+    repo = tests_dir.resolve().parent  # the tree under test, not the installed (editable) copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(repo)])}
     script = str(Path(sys.executable).with_name("uniseg"))
     procs = [
         subprocess.Popen([script, str(tmp_path / "in"), "-o", str(out), "--tasks", "liver", "--shard", f"{i}/2",

@@ -7,6 +7,7 @@ import builtins
 import hashlib
 import io
 import os
+import pickle
 import stat
 import tempfile
 import zipfile
@@ -24,7 +25,7 @@ TASK = {
     "spacing_mm": [3.0, 1.5, 1.5], "normalization": {"ct": {"scheme": "zscore"}},
 }
 CKPT = b"PK\x03\x04 fake torch checkpoint " * 500
-PLANS = b"\x80\x04 fake plans"
+PLANS = pickle.dumps({"plans_per_stage": {}}, protocol=4)  # import test-loads it
 
 
 def sha(data: bytes) -> str:

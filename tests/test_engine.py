@@ -269,7 +269,7 @@ def test_cuda_without_gpu_raises_device_error() -> None:
         pytest.skip("a GPU is present")
     with pytest.raises(DeviceError, match="--device cpu"):
         resolve_device("cuda")
-    with pytest.raises(DeviceError, match="unknown device"):
+    with pytest.raises(UsageError, match="unknown device"):  # a bad option value: exit 2
         resolve_device("tpu0")
     assert resolve_device("auto").type == "cpu"
 

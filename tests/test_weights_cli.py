@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ TASK = {
     "spacing_mm": [3.0, 1.5, 1.5], "normalization": {"ct": {"scheme": "zscore"}},
 }
 CKPT = bytes(range(256)) * 100
-PLANS = b"\x80\x04 fake plans"
+PLANS = pickle.dumps({"plans_per_stage": {}}, protocol=4)  # import test-loads it
 
 
 def sha(data: bytes) -> str:

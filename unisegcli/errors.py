@@ -109,6 +109,10 @@ class DeviceError(UnisegError):
     exit_code = ExitCode.RUNTIME
 
 
+class HostMemoryError(DeviceError):
+    """Host memory ran out while reading a scan (a scan too large for this machine)."""
+
+
 class OutputError(UnisegError):
     """Results cannot be written where asked."""
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -24,6 +25,26 @@ HELP = (
     "Main form: [bold]uniseg SCAN... -o OUT --tasks liver,kidney[/] "
     "(the same as [bold]uniseg segment ...[/])."
 )
+
+
+_SCAN_SUFFIXES = (".nii", ".nii.gz", ".zip")
+
+
+def dash_hint(args: list[str]) -> str:
+    """A hint when a token before ``--`` looks like a file whose name starts with '-'.
+
+    Click reads such a token as an option (``-dash.nii.gz`` is ``-d ash.nii.gz``, or an
+    unknown option); only a ``--`` before it makes it a path.
+    """
+    for token in args:
+        if token == "--":
+            return ""
+        if token.startswith("-") and token not in ("-", "--") and not token.startswith("--") and (
+            token.lower().endswith(_SCAN_SUFFIXES) or Path(token).is_file()
+        ):
+            return (f" A file whose name starts with '-' must follow `--`: "
+                    f"uniseg -o OUT --tasks T -- {token}")
+    return ""
 
 
 class UnisegGroup(TyperGroup):
@@ -41,6 +62,7 @@ class UnisegGroup(TyperGroup):
         """Run the command; usage errors become one red line (not a box) and exit code 2."""
         from typer._click.exceptions import NoArgsIsHelpError
 
+        self._raw_args = list(sys.argv[1:] if args is None else args)
         try:
             returned = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = returned if isinstance(returned, int) else 0
@@ -50,7 +72,8 @@ class UnisegGroup(TyperGroup):
         except typer.TyperException as exc:  # click usage errors: bad option, missing value
             ctx = getattr(exc, "ctx", None)
             where = ctx.command_path if ctx is not None else "uniseg"
-            console.error_line(f"{exc.format_message()} (see `{where} --help`)")
+            hint = dash_hint(self._raw_args)
+            console.error_line(f"{exc.format_message()} (see `{where} --help`){'.' if hint else ''}{hint}")
             code = int(getattr(exc, "exit_code", ExitCode.USAGE))
         except typer.Abort:
             console.error_line("aborted.")
@@ -67,7 +90,8 @@ class UnisegGroup(TyperGroup):
         except UnisegError as exc:
             if console.state.debug:
                 traceback.print_exc()
-            console.error_line(str(exc))
+            hint = dash_hint(getattr(self, "_raw_args", [])) if exc.exit_code == ExitCode.USAGE else ""
+            console.error_line(f"{exc}{'' if not hint or str(exc).endswith('.') else '.'}{hint}")
             raise typer.Exit(int(exc.exit_code)) from None
         except KeyboardInterrupt:
             console.error_line("interrupted; no partial outputs were left behind.")

@@ -68,7 +68,7 @@ def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device"
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise DeviceError(f"unknown device '{spec}'; expected auto, cpu, cuda, cuda:N or mps.") from None
+        raise UsageError(f"unknown device '{spec}'; expected auto, cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = (
@@ -92,7 +92,7 @@ def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device"
                 f"device '{spec}' was requested but Apple MPS is not available; use --device cpu."
             )
     elif device.type != "cpu":
-        raise DeviceError(f"unsupported device '{spec}'; expected auto, cpu, cuda, cuda:N or mps.")
+        raise UsageError(f"unsupported device '{spec}'; expected auto, cpu, cuda, cuda:N or mps.")
     return device
 
 

@@ -35,8 +35,10 @@ import numpy as np
 from unisegcli.errors import (
     ImageFormatError,
     ImageShapeError,
+    ImageValueError,
     InputError,
     InputNotFoundError,
+    UnisegError,
     UsageError,
 )
 from unisegcli.io.archive import unsafe_member
@@ -45,10 +47,13 @@ from unisegcli.io.dicom_series import (  # noqa: F401  (the geometry errors are 
     DicomGeometryError,
     MissingSlicesError,
     SeriesInfo,
+    number_of_frames,
     read_multiframe,
+    rescale_value,
     sort_slices,
 )
 from unisegcli.io.nifti import Scan, read_scan
+from unisegcli.io.nifti_header import MAX_VOXELS_ENV, max_voxels, require_regular_file
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -222,7 +227,7 @@ def _series_table(images: list[tuple[str, "Dataset"]]) -> dict[str, list[tuple[s
 def _describe(uid: str, members: list[tuple[str, "Dataset"]]) -> SeriesInfo:
     first = members[0][1]
     folders = {str(PurePosixPath(name).parent) for name, _ in members}
-    frames = sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for _, ds in members)
+    frames = sum(number_of_frames(ds) for _, ds in members)
     return SeriesInfo(
         uid=uid,
         description=str(getattr(first, "SeriesDescription", "") or "")[:64],
@@ -269,6 +274,7 @@ def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSo
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"input '{path}' does not exist; expected a DICOM series folder or a .zip of one.")
+    require_regular_file(path, "DICOM input")  # a FIFO would block the zip reader
     with tempfile.TemporaryDirectory(prefix="uniseg-dicom-") as tmp:
         tmp_dir = Path(tmp)
         if path.is_file():
@@ -289,7 +295,7 @@ def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSo
             )
         redact = Redactor.from_datasets([ds for _, ds in images])
         members = _choose_series(_series_table(images), series_uid, path, redact)
-        if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in members):
+        if any(number_of_frames(ds) > 1 for _, ds in members):
             volume_ijk, affine = read_multiframe(folder, members, path, redact)
             multiframe = True
         else:
@@ -334,7 +340,15 @@ def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path,
     import pydicom
 
     first = members[0][1]
-    volume = np.empty((int(first.Columns), int(first.Rows), len(members)), dtype=np.float32)
+    shape = (int(first.Columns), int(first.Rows), len(members))
+    budget = max_voxels()
+    if shape[0] * shape[1] * shape[2] > budget:
+        raise ImageShapeError(
+            f"the series in '{path}' has {shape[2]} slices of {shape[1]}x{shape[0]} = "
+            f"{shape[0] * shape[1] * shape[2]:,} voxels; expected at most {budget:,} ({MAX_VOXELS_ENV}). "
+            f"Crop or resample the series, or raise {MAX_VOXELS_ENV}."
+        )
+    volume = np.empty(shape, dtype=np.float32)
     with quiet_pydicom():
         for k, (name, _) in enumerate(members):
             try:
@@ -343,7 +357,7 @@ def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path,
                 raise ImageFormatError(
                     redact(f"cannot read '{name}' in '{path}' (truncated or corrupt); re-copy the series.")
                 ) from None
-            if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
+            if str(getattr(ds, "SamplesPerPixel", 1)).strip() not in ("1", ""):
                 raise ImageShapeError(
                     redact(f"'{name}' in '{path}' is a colour image; expected greyscale CT/MR/PET slices.")
                 )
@@ -352,10 +366,22 @@ def _read_slices(folder: Path, members: list[tuple[str, "Dataset"]], path: Path,
                     redact(f"'{name}' in '{path}' has no pixel data (truncated?); expected an image. Re-copy it.")
                 )
             pixels = _pixels(ds, name, path, redact)
-            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+            if pixels.shape != volume.shape[1::-1]:
+                raise ImageFormatError(redact(
+                    f"'{name}' in '{path}' decodes to {pixels.shape} pixels but its header says Rows x "
+                    f"Columns {volume.shape[1]} x {volume.shape[0]}; the file is damaged. Re-export the series."
+                ))
+            slope = rescale_value(ds, "RescaleSlope", 1.0, name, path, redact)
+            intercept = rescale_value(ds, "RescaleIntercept", 0.0, name, path, redact)
             # pixel_array is [rows, columns] = [j, i]; the volume is stored (i, j, k).
-            volume[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
+            with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                scaled = (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
+            if not np.isfinite(scaled).all():
+                raise ImageValueError(redact(
+                    f"'{name}' in '{path}' has pixels that are not finite after RescaleSlope {slope:g} and "
+                    f"RescaleIntercept {intercept:g}; expected finite intensities. Re-export the series."
+                ))
+            volume[:, :, k] = scaled.T
     return volume
 
 
@@ -363,14 +389,23 @@ def _to_scan(volume_ijk: np.ndarray, affine_ras: np.ndarray, path: Path, tmp_dir
     """Go through a temporary NIfTI so the Scan is built exactly like the NIfTI path's."""
     import nibabel as nib
 
-    image = nib.Nifti1Image(volume_ijk, affine_ras)
-    image.set_sform(affine_ras, code=1)  # 1 = scanner coordinates, as DICOM positions are
-    image.set_qform(affine_ras, code=1)
+    try:
+        image = nib.Nifti1Image(volume_ijk, affine_ras)
+        image.set_sform(affine_ras, code=1)  # 1 = scanner coordinates, as DICOM positions are
+        image.set_qform(affine_ras, code=1)
+    except (ValueError, nib.spatialimages.HeaderDataError):
+        raise DicomGeometryError(
+            f"the slices of '{path}' do not span a 3D volume (their orientation and positions give a "
+            "degenerate voxel-to-world matrix); expected parallel slices along the normal. Re-export the series."
+        ) from None
     image.header.set_xyzt_units("mm", "sec")
     tmp_file = tmp_dir / "series.nii"  # uncompressed: written and read once, speed matters
     nib.save(image, str(tmp_file))
     del image
-    scan = read_scan(tmp_file)
+    try:
+        scan = read_scan(tmp_file)
+    except UnisegError as exc:  # name the DICOM input, not the temporary file
+        raise type(exc)(str(exc).replace(str(tmp_file), str(path))) from None
     # The template must outlive the temp file: keep its header, and as data a view of
     # scan.data in file order (no second copy of the volume in memory).
     header = scan.image.header

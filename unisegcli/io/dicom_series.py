@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from unisegcli.errors import ImageValueError
+from unisegcli.errors import ImageFormatError, ImageShapeError, ImageValueError
+from unisegcli.io.nifti_header import MAX_SPACING_MM, MIN_SPACING_MM
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Slices may deviate this much (relative) from the median spacing; scanners jitter a little.
 SPACING_TOLERANCE = 0.1
+MAX_POSITION_MM = 1e6  # 1 km from the scanner's origin: anything farther is a damaged header
 
 
 class DicomGeometryError(ImageValueError):
@@ -72,8 +74,91 @@ def dicom_affine_ras(
     return LPS_TO_RAS @ lps
 
 
-def _floats(ds: "Dataset", keyword: str) -> np.ndarray:
-    return np.array([float(v) for v in ds.get(keyword)], dtype=float)
+def _geometry_value(ds: "Dataset", keyword: str, count: int, where: str, redact: Callable[[str], str]) -> np.ndarray:
+    """``count`` finite numbers from a geometry element, or a one-line DicomGeometryError."""
+    value = ds.get(keyword)
+    if value is None:
+        items: list = []
+    elif isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        items = [value]
+    else:
+        items = list(value)
+    try:
+        numbers = np.array([float(v) for v in items], dtype=float)
+    except (TypeError, ValueError):
+        numbers = np.array([np.nan])
+    if numbers.shape != (count,) or not np.all(np.isfinite(numbers)):
+        shown = " ".join(str(v) for v in items)[:80]
+        raise DicomGeometryError(redact(
+            f"{where} has {keyword} '{shown}'; expected {count} finite numbers. The file's geometry is "
+            "damaged: re-export the series from the scanner or PACS."
+        ))
+    return numbers
+
+
+def _checked_geometry(
+    ds: "Dataset", where: str, redact: Callable[[str], str]
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(ImageOrientationPatient, PixelSpacing, (Rows, Columns)) of one file, validated."""
+    iop = _geometry_value(ds, "ImageOrientationPatient", 6, where, redact)
+    in_range = bool(np.abs(iop).max() <= 1.01)  # direction cosines: no overflow in the norms below
+    norms = (np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])) if in_range else (0.0, 0.0)
+    if not all(abs(n - 1.0) < 0.01 for n in norms) or abs(float(iop[:3] @ iop[3:])) > 0.01:
+        raise DicomGeometryError(redact(
+            f"{where} has ImageOrientationPatient {[round(float(v), 4) for v in iop]}; expected two "
+            "perpendicular unit vectors (row, column direction). Re-export the series."
+        ))
+    spacing = _geometry_value(ds, "PixelSpacing", 2, where, redact)
+    if not all(MIN_SPACING_MM <= v < MAX_SPACING_MM for v in spacing):
+        raise DicomGeometryError(redact(
+            f"{where} has PixelSpacing {[float(v) for v in spacing]} mm; expected two spacings from "
+            f"{MIN_SPACING_MM:g} mm to {MAX_SPACING_MM / 1000:g} m. Re-export the series."
+        ))
+    try:
+        shape = (int(ds.Rows), int(ds.Columns))
+    except (TypeError, ValueError):
+        shape = (0, 0)
+    if min(shape) < 1:
+        raise DicomGeometryError(redact(
+            f"{where} has Rows x Columns {ds.get('Rows')} x {ds.get('Columns')}; expected positive sizes. "
+            "Re-export the series."
+        ))
+    return iop, spacing, shape
+
+
+def _series_geometry(
+    members: list[tuple[str, "Dataset"]], path: Path, redact: Callable[[str], str], hint: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ImageOrientationPatient, PixelSpacing) shared by every slice of a series of ≥ 2 slices."""
+    for name, ds in members:
+        absent = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
+        if absent:
+            raise DicomGeometryError(
+                redact(
+                    f"'{name}' in '{path}' has no {', '.join(absent)}; expected cross-sectional slices "
+                    "with position and orientation (not a localizer, screenshot or report)."
+                )
+            )
+    if len(members) == 1:
+        raise ImageShapeError(redact(
+            f"'{path}' holds a single DICOM slice ('{members[0][0]}'); expected a 3D series of several "
+            f"slices{hint}. Pass the folder of the whole series, not a single slice."
+        ))
+    geometry = [_checked_geometry(ds, f"'{name}' in '{path}'", redact) for name, ds in members]
+    iop, spacing, shape = geometry[0]
+    for other_iop, other_spacing, other_shape in geometry[1:]:
+        if not np.allclose(other_iop, iop, atol=1e-4):
+            raise DicomGeometryError(
+                f"the series in '{path}' mixes slice orientations; expected one stack of parallel "
+                "slices (a localizer or a second plane in the same series?). Export the axial "
+                "stack alone."
+            )
+        if other_shape != shape or not np.allclose(other_spacing, spacing, rtol=1e-4):
+            raise DicomGeometryError(
+                f"the series in '{path}' mixes slice sizes or pixel spacings (first {shape[0]}x{shape[1]} "
+                f"at {spacing.tolist()} mm); expected identical slices. Export one reconstruction."
+            )
+    return iop, spacing
 
 
 def sort_slices(
@@ -87,41 +172,22 @@ def sort_slices(
     MissingSlicesError for gaps.
     """
     hint = f" ({unreadable} file(s) could not be parsed and may be the missing ones)" if unreadable else ""
-    for name, ds in members:
-        absent = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
-        if absent:
-            raise DicomGeometryError(
-                redact(
-                    f"'{name}' in '{path}' has no {', '.join(absent)}; expected cross-sectional slices "
-                    "with position and orientation (not a localizer, screenshot or report)."
-                )
-            )
-    first = members[0][1]
-    iop = _floats(first, "ImageOrientationPatient")
-    spacing = _floats(first, "PixelSpacing")
-    shape = (int(first.Rows), int(first.Columns))
-    for _, ds in members[1:]:
-        if not np.allclose(_floats(ds, "ImageOrientationPatient"), iop, atol=1e-4):
-            raise DicomGeometryError(
-                f"the series in '{path}' mixes slice orientations; expected one stack of parallel "
-                "slices (a localizer or a second plane in the same series?). Export the axial "
-                "stack alone."
-            )
-        if (int(ds.Rows), int(ds.Columns)) != shape or not np.allclose(_floats(ds, "PixelSpacing"), spacing, rtol=1e-4):
-            raise DicomGeometryError(
-                f"the series in '{path}' mixes slice sizes or pixel spacings (first {shape[0]}x{shape[1]} "
-                f"at {spacing.tolist()} mm); expected identical slices. Export one reconstruction."
-            )
+    iop, spacing = _series_geometry(members, path, redact, hint)
     row_cos, col_cos = iop[:3], iop[3:]
     normal = np.cross(row_cos, col_cos)
-    positions = np.array([_floats(ds, "ImagePositionPatient") for _, ds in members])
+    positions = np.array([
+        _geometry_value(ds, "ImagePositionPatient", 3, f"'{name}' in '{path}'", redact) for name, ds in members
+    ])
+    if np.abs(positions).max() > MAX_POSITION_MM:
+        raise DicomGeometryError(
+            f"the series in '{path}' has an ImagePositionPatient {np.abs(positions).max():.4g} mm from the "
+            f"origin; expected positions within {MAX_POSITION_MM / 1e6:g} km. The geometry is damaged: "
+            "re-export the series."
+        )
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     members = [members[i] for i in order]
     positions, along = positions[order], along[order]
-    if len(members) == 1:
-        thickness = float(getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 0) or 1.0)
-        return members, dicom_affine_ras(row_cos, col_cos, tuple(spacing), positions[0], normal * thickness)  # type: ignore[arg-type]
     steps = np.diff(along)
     duplicates = int(np.count_nonzero(steps < 1e-3))
     if duplicates:
@@ -131,6 +197,12 @@ def sort_slices(
             "series?). Export a single volume."
         )
     step = float(np.median(steps))
+    if not MIN_SPACING_MM <= step < MAX_SPACING_MM:
+        raise DicomGeometryError(
+            f"the series in '{path}' has slices {step:.4g} mm apart (ImagePositionPatient along the "
+            f"normal); expected {MIN_SPACING_MM:g} mm to {MAX_SPACING_MM / 1000:g} m. The geometry is "
+            "damaged: re-export the series."
+        )
     worst = int(np.argmax(np.abs(steps - step)))
     if steps[worst] >= 1.5 * step:
         missing = int(round(steps[worst] / step)) - 1
@@ -148,6 +220,37 @@ def sort_slices(
         )
     slice_vector = (positions[-1] - positions[0]) / (len(members) - 1)
     return members, dicom_affine_ras(row_cos, col_cos, tuple(spacing), positions[0], slice_vector)  # type: ignore[arg-type]
+
+
+def number_of_frames(ds: "Dataset") -> int:
+    """NumberOfFrames (1 when absent); a garbled value is an ImageFormatError."""
+    value = getattr(ds, "NumberOfFrames", 1)
+    try:
+        return max(int(value or 1), 1)
+    except (TypeError, ValueError):
+        raise ImageFormatError(
+            f"a DICOM file has NumberOfFrames {str(value)[:20]!r}; expected a whole number. The "
+            "file is damaged: re-export the series."
+        ) from None
+
+
+def rescale_value(
+    ds: "Dataset", keyword: str, default: float, name: str, path: Path, redact: Callable[[str], str]
+) -> float:
+    """RescaleSlope / RescaleIntercept as a finite float (default when absent or empty)."""
+    value = getattr(ds, keyword, None)
+    try:
+        number = float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        number = float("nan")
+    if keyword == "RescaleSlope" and number == 0:
+        number = default  # a zero slope means "not set" in practice, as nibabel reads scl_slope
+    if not np.isfinite(number):
+        raise ImageFormatError(redact(
+            f"'{name}' in '{path}' has {keyword} {str(value)[:20]!r}; expected a finite number. "
+            "The file is damaged: re-export the series."
+        ))
+    return number
 
 
 def read_multiframe(

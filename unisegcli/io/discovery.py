@@ -25,6 +25,7 @@ from typing import Iterable, Sequence, TextIO
 
 from unisegcli.errors import InputNotFoundError, UsageError
 from unisegcli.io.nifti import case_id, is_nifti_name
+from unisegcli.io.nifti_header import require_regular_file
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 _GLOB_CHARS = set("*?[")
@@ -130,6 +131,20 @@ def _group_channel_files(files: Sequence[Path], channels_needed: int) -> list[Ca
     return cases
 
 
+def _read_list_text(path: Path, source: str | Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"input list '{source}' is not UTF-8 text (byte {exc.start} cannot be decoded); expected "
+            "one path per line or a CSV in UTF-8. Save it as UTF-8 (Excel: 'CSV UTF-8')."
+        ) from None
+    except OSError as exc:
+        raise InputNotFoundError(
+            f"cannot read input list '{source}': {exc.strerror or exc}; expected a readable text file."
+        ) from None
+
+
 def read_input_list(source: str | Path, stdin: TextIO | None = None) -> list[CaseInput]:
     """Cases from a text list (one path per line) or a CSV (``case_id,path`` or channel columns).
 
@@ -140,12 +155,15 @@ def read_input_list(source: str | Path, stdin: TextIO | None = None) -> list[Cas
         text, base = (stdin or sys.stdin).read(), Path.cwd()
     else:
         path = Path(source).expanduser()
-        if not path.is_file():
+        # A pipe is a list too: `--input-list <(ls scans/*.nii.gz)` passes /dev/fd/63.
+        if not path.exists() or path.is_dir():
             raise InputNotFoundError(
-                f"input list '{source}' does not exist; expected a text file with one path per "
-                "line or a CSV with case_id,path columns."
+                f"input list '{source}' {'is a folder' if path.is_dir() else 'does not exist'}; "
+                "expected a text file with one path per line or a CSV with case_id,path columns."
             )
-        text, base = path.read_text(encoding="utf-8"), path.parent
+        # Paths in a list file are relative to its folder; in a piped list, to the current one.
+        text, base = _read_list_text(path, source), path.parent if path.is_file() else Path.cwd()
+    text = text.removeprefix("\ufeff")  # Excel's "CSV UTF-8" starts with a byte order mark
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         raise InputNotFoundError(f"input list '{source}' is empty; expected one scan per line.")
@@ -215,6 +233,7 @@ def discover(
                     f"input '{raw}' does not exist; expected a .nii/.nii.gz file, a DICOM folder "
                     "or a folder of scans. Check the path (and quoting of spaces)."
                 )
+            require_regular_file(path)  # a FIFO, socket or device: refused before any open()
             if path.is_dir():
                 found, series = _scan_folder(path, raw)
                 nifti_files.extend(found)

@@ -11,8 +11,6 @@ always atomically: a temporary name in the target folder, then ``os.replace``.
 
 from __future__ import annotations
 
-import gzip
-import io
 import logging
 import tempfile
 import zlib
@@ -23,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unisegcli.io.atomic import staged_files
+from unisegcli.io.nifti_header import (
+    MAX_SPACING_MM,
+    MAX_VOXELS_ENV,
+    RawHeader,
+    read_gz_voxels,
+    read_raw_header,
+    require_regular_file,
+)
 from unisegcli.errors import (
+    HostMemoryError,
     ImageFormatError,
     ImageShapeError,
     ImageValueError,
@@ -35,9 +42,6 @@ if TYPE_CHECKING:
     import nibabel as nib
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# Header sizes: NIfTI-1 = 348 bytes, NIfTI-2 = 540 bytes; both state it in the first int32.
-_NIFTI_HEADER_SIZES = (348, 540)
-MAX_SPACING_MM = 1e4
 
 
 def is_nifti_name(path: Path) -> bool:
@@ -111,82 +115,54 @@ class Scan:
         return self.reorientation.file_shape
 
 
-def _check_header_bytes(path: Path) -> None:
-    """Fail early, with a clear message, on files that are not NIfTI at all or whose raw
-    voxel sizes are unusable (nibabel would silently replace 0 by 1 and negatives by abs)."""
-    import nibabel as nib
-
-    try:
-        with path.open("rb") as raw:
-            magic = raw.read(2)
-        opener = gzip.open if magic == b"\x1f\x8b" else open
-        with opener(path, "rb") as fh:  # type: ignore[operator]
-            head = fh.read(540)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise ImageFormatError(
-            f"cannot read '{path}': {exc}; expected a NIfTI file (.nii or .nii.gz). "
-            "Check that the file is complete (re-copy or re-export it)."
-        ) from exc
-    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")} if len(head) >= 4 else set()
-    if not sizes & set(_NIFTI_HEADER_SIZES):
-        what = "an empty file" if not head else "not a NIfTI file"
-        raise ImageFormatError(
-            f"'{path}' is {what}; expected a NIfTI image (.nii or .nii.gz). "
-            "Convert DICOM or other formats to NIfTI first, or pass a DICOM folder."
-        )
-    header_class = nib.Nifti1Header if 348 in sizes else nib.Nifti2Header
-    try:
-        header = header_class.from_fileobj(io.BytesIO(head), check=False)
-        ndim = int(header["dim"][0])
-        spacing = [float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 1), 3)]]
-    except Exception:  # an unreadable header is reported by nib.load with its own message
-        return
-    if not all(np.isfinite(v) and 0 < v < MAX_SPACING_MM for v in spacing):
-        raise ImageValueError(
-            f"'{path}' has voxel spacing {tuple(spacing)} mm in its header (pixdim); expected "
-            f"positive finite spacings below {MAX_SPACING_MM / 1000:g} m. Fix the header (pixdim) "
-            "of the file, e.g. re-export it from the scanner or PACS."
-        )
-
-
 def load_nifti(path: Path) -> "nib.Nifti1Image":
     """Open a NIfTI file with checks; the pixel data is read later (and checked then)."""
+    return _load(Path(path))[0]
+
+
+def _load(path: Path) -> tuple["nib.Nifti1Image", RawHeader]:
+    """The image (voxels not read) and its checked raw header."""
     import nibabel as nib
 
-    path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"input '{path}' does not exist; expected a .nii/.nii.gz file or a folder of them.")
     if path.is_dir():
         raise InputNotFoundError(f"input '{path}' is a folder; expected a NIfTI file here.")
-    _check_header_bytes(path)
+    require_regular_file(path)  # before any open(): opening a FIFO would block
+    raw = read_raw_header(path)
     # nibabel logs header fixes on the root of its logger tree; our one-line errors and the
     # checks above say what matters, so keep its messages off the user's stderr.
     logging.getLogger("nibabel").setLevel(logging.ERROR)
     try:
         image = nib.load(str(path))
     except Exception as exc:  # nibabel raises several unrelated types for bad headers
+        detail = " ".join(str(exc).split())[:200]
         raise ImageFormatError(
-            f"cannot read '{path}' as NIfTI ({exc}); expected a valid .nii/.nii.gz file. "
-            "Re-export the scan."
-        ) from exc
+            f"cannot read '{path}' as NIfTI ({type(exc).__name__}: {detail}); expected a valid "
+            ".nii/.nii.gz file. Re-export the scan."
+        ) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageFormatError(f"'{path}' is {type(image).__name__}; expected a NIfTI-1/2 image.")
-    return image
+    return image, raw
 
 
-def _read_pixels(image: "nib.Nifti1Image", path: Path) -> np.ndarray:
+def _read_pixels(image: "nib.Nifti1Image", raw: RawHeader, path: Path) -> np.ndarray:
     """All voxels as float32 with the header's scaling applied; a truncated file fails here.
 
-    Not cached in the image (``caching="unchanged"``): the Scan keeps the image for its
-    header, and a cached copy would sit beside the reoriented array (+420 MB at 512x512x400
-    for an LPS file)."""
+    A .nii.gz is decompressed in bounded chunks (never past what the header announces); a
+    .nii is memory-mapped by nibabel. Not cached in the image (``caching="unchanged"``): the
+    Scan keeps the image for its header, and a cached copy would sit beside the reoriented
+    array (+420 MB at 512x512x400 for an LPS file)."""
     try:
+        if raw.compressed:
+            return read_gz_voxels(path, raw)
         return np.asarray(image.get_fdata(dtype=np.float32, caching="unchanged"))
     except (OSError, EOFError, ValueError, zlib.error) as exc:
+        detail = " ".join(str(exc).split())[:200]
         raise ImageFormatError(
-            f"'{path}' is truncated or corrupt ({exc}); expected "
+            f"'{path}' is truncated or corrupt ({detail}); expected "
             f"{int(np.prod(image.shape))} voxels. Re-copy or re-export the file."
-        ) from exc
+        ) from None
 
 
 def check_header(path: Path) -> tuple[int, ...]:
@@ -218,8 +194,11 @@ def _spatial_checks(image: "nib.Nifti1Image", path: Path) -> tuple[int, ...]:
             f"'{path}' has voxel spacing {tuple(float(z) for z in zooms)} mm; expected positive "
             "finite spacings below 10 m. Fix the header (pixdim)."
         )
+    from nibabel.orientations import io_orientation
+
     affine = image.affine
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if (not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12
+            or np.isnan(io_orientation(affine)).any()):  # a voxel axis with no world direction
         raise ImageValueError(
             f"'{path}' has a non-invertible or non-finite affine; expected a valid voxel-to-world "
             "matrix. Fix the qform/sform of the file."
@@ -230,20 +209,49 @@ def _spatial_checks(image: "nib.Nifti1Image", path: Path) -> tuple[int, ...]:
 def read_scan(path: Path) -> Scan:
     """Read a 3D or 4D NIfTI into internal orientation, checking everything a user can get wrong."""
     path = Path(path)
-    return scan_from_image(load_nifti(path), path)
+    image, raw = _load(path)
+    return _scan(image, raw, path)
 
 
 def scan_from_image(image: "nib.Nifti1Image", path: Path) -> Scan:
-    """A Scan of an opened (or in-memory) NIfTI image; ``path`` names it in messages."""
+    """A Scan of an in-memory NIfTI image (no file): the same header checks as a file's;
+    ``path`` names it in messages."""
+    from unisegcli.io.nifti_header import raw_header_in_memory
+
+    return _scan(image, raw_header_in_memory(image, path), path)
+
+
+def _scan(image: "nib.Nifti1Image", raw: RawHeader, path: Path) -> Scan:
+    shape = _spatial_checks(image, path)
+    try:
+        return _to_scan(image, raw, shape, path)
+    except MemoryError:
+        raise HostMemoryError(
+            f"not enough memory to read '{path}' ({'x'.join(map(str, raw.shape))} voxels of "
+            f"{raw.dtype.name}, about {_reading_bytes(raw) / 1024**3:.3g} GiB while reading); expected a "
+            "scan that fits in memory. Free memory, crop the scan, or "
+            f"lower {MAX_VOXELS_ENV} to refuse such files before reading them."
+        ) from None
+
+
+def _reading_bytes(raw: RawHeader) -> int:
+    """Peak memory of reading: the stored voxels, then two float32 copies (read, reoriented)."""
+    return raw.data_bytes + 8 * (raw.data_bytes // raw.dtype.itemsize)
+
+
+def _to_scan(image: "nib.Nifti1Image", raw: RawHeader, shape: tuple[int, ...], path: Path) -> Scan:
+    """Read, check and reorient the voxels of a checked image."""
     from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-    shape = _spatial_checks(image, path)
-    pixels = _read_pixels(image, path).reshape(shape)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as Inf, refused below
+        pixels = _read_pixels(image, raw, path).reshape(shape)
     if not np.isfinite(pixels).all():
         bad = int(np.size(pixels) - np.count_nonzero(np.isfinite(pixels)))
+        slope, inter = raw.header.get_slope_inter()
+        scaled = f" after its scaling (scl_slope {slope:g}, scl_inter {inter or 0:g})" if slope is not None else ""
         raise ImageValueError(
-            f"'{path}' has {bad} NaN/Inf voxels; expected finite intensities. "
-            "Replace them (e.g. with the background value) before segmenting."
+            f"'{path}' has {bad} NaN/Inf voxels{scaled}; expected finite intensities. "
+            "Replace them (e.g. with the background value) or fix scl_slope/scl_inter before segmenting."
         )
     if pixels.ndim == 3:
         pixels = pixels[..., None]

@@ -25,7 +25,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Collection, Iterator
+from typing import IO, Any, Callable, Collection, Iterator
 
 from unisegcli.errors import ChecksumError, OfflineError, WeightsError
 from unisegcli.weights.cards import FileCard, ModelCard
@@ -106,8 +106,30 @@ def read_manifest(card: ModelCard) -> dict[str, dict]:
             f"cannot read the cache manifest {path}: {exc}; expected a JSON file written by uniseg. "
             f"Run `uniseg weights remove {card.name} --yes` and download or import the model again."
         ) from exc
-    files = data.get("files", {}) if isinstance(data, dict) else {}
-    return files if isinstance(files, dict) else {}
+    files = data.get("files", {}) if isinstance(data, dict) else data
+    problem = _manifest_problem(files)
+    if problem:
+        raise WeightsError(
+            f"the cache manifest {path} is damaged: {problem}; expected the JSON object uniseg writes "
+            f"({{\"files\": {{name: {{\"sha256\": ..., \"size_bytes\": ...}}}}}}). "
+            f"Run `uniseg weights remove {card.name} --yes` and download or import the model again."
+        )
+    return files
+
+
+def _manifest_problem(files: Any) -> str | None:
+    """What is wrong with a manifest's "files" value, or None."""
+    if not isinstance(files, dict):
+        return f"its files are {type(files).__name__}, not an object"
+    for name, entry in files.items():
+        if not isinstance(entry, dict):
+            return f"the entry of '{name}' is {type(entry).__name__}, not an object"
+        size, sha = entry.get("size_bytes"), entry.get("sha256")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            return f"the size_bytes of '{name}' is {size!r}, not a byte count"
+        if sha is not None and not isinstance(sha, str):
+            return f"the sha256 of '{name}' is {type(sha).__name__}, not a hex string"
+    return None
 
 
 def commit_file(
@@ -348,6 +370,27 @@ def _stage(card: ModelCard, file: FileCard, reader: IO[bytes], origin: str) -> t
     return tmp, sha, size
 
 
+def _test_load(file: FileCard, staged: Path, origin: str) -> None:
+    """Load a staged weights/plans file with the loaders a run uses (safe_pickle, weights-only
+    torch.load, safetensors); a file a run would refuse is refused here, under its own name."""
+    from unisegcli.errors import CheckpointError
+
+    if not file.name.lower().endswith((".model", ".pth", ".pt", ".ckpt", ".pkl", ".safetensors")):
+        return
+    from unisegcli.weights.checkpoint import check_loadable
+
+    with tempfile.TemporaryDirectory(dir=staged.parent, prefix=".check.") as folder:
+        named = Path(folder) / file.name  # messages then name the file, not the staging name
+        try:
+            os.link(staged, named)
+        except OSError:
+            named = staged
+        try:
+            check_loadable(named)
+        except CheckpointError as exc:
+            raise type(exc)(f"{origin}: {str(exc).rstrip('.')}. Nothing was imported.") from None
+
+
 def import_model(card: ModelCard, source: Path) -> dict[str, Path]:
     """Copy a model's files from a file, a folder or a .zip into the cache; return them by role.
 
@@ -383,6 +426,8 @@ def import_model(card: ModelCard, source: Path) -> dict[str, Path]:
                         with open(item, "rb") as reader:
                             tmp, sha, size = _stage(card, f, reader, origin)
                     staged.append((f, tmp, sha, size, origin))
+            for f, tmp, _, _, origin in staged:
+                _test_load(f, tmp, origin)  # a run would refuse it: refuse it now, before the cache
             for f, tmp, sha, size, origin in staged:
                 commit_file(card, f, tmp, sha256=sha, size_bytes=size, source=origin)
         except (OSError, zipfile.BadZipFile) as exc:

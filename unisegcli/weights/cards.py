@@ -125,7 +125,18 @@ class ModelCard:
         return tuple(cards)
 
 
+_FIX = "fix the registry file (weights_registry.json, or the file $UNISEG_REGISTRY names)"
+
+
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    """A JSON object, or a RegistryError naming the entry."""
+    if not isinstance(value, Mapping):
+        raise RegistryError(f"registry: {where} is {type(value).__name__}, expected an object ({{...}}); {_FIX}")
+    return value
+
+
 def _require(entry: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    _object(entry, where)
     if key not in entry:
         raise RegistryError(f"registry: {where} has no '{key}'; add it to weights_registry.json")
     value = entry[key]
@@ -154,7 +165,7 @@ def _task_card(entry: Mapping[str, Any], where: str) -> TaskCard:
     if set(norm) != set(channels):
         raise RegistryError(f"registry: {where}.normalization must name each channel {channels}")
     for ch, scheme in norm.items():
-        if scheme.get("scheme") not in NORMALIZATION_SCHEMES:
+        if not isinstance(scheme, Mapping) or scheme.get("scheme") not in NORMALIZATION_SCHEMES:
             raise RegistryError(
                 f"registry: {where}.normalization[{ch}] scheme must be one of {NORMALIZATION_SCHEMES}"
             )
@@ -178,7 +189,7 @@ def _file_card(entry: Mapping[str, Any], where: str) -> FileCard:
     if Path(name).name != name or name in ("", ".", ".."):
         raise RegistryError(f"registry: {where}.name must be a plain file name")
     sha = entry.get("sha256")
-    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
         raise RegistryError(f"registry: {where}.sha256 must be 64 lowercase hex digits or null")
     size = entry.get("size_bytes")
     if size is not None and (not isinstance(size, int) or size < 0):
@@ -194,6 +205,7 @@ def _file_card(entry: Mapping[str, Any], where: str) -> FileCard:
 
 def parse_registry(data: Mapping[str, Any]) -> dict[str, ModelCard]:
     """Check a registry document against the schema and build its model cards."""
+    _object(data, "the document")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise RegistryError(
             f"registry: schema_version is {data.get('schema_version')!r}, expected {SCHEMA_VERSION}"
@@ -202,31 +214,47 @@ def parse_registry(data: Mapping[str, Any]) -> dict[str, ModelCard]:
     models: dict[str, ModelCard] = {}
     for name, entry in _require(data, "models", dict, "registry").items():
         where = f"models[{name}]"
-        set_name = _require(entry, "task_set", str, where)
-        if set_name not in task_sets:
-            raise RegistryError(f"registry: {where}.task_set '{set_name}' is not in task_sets")
-        tasks = tuple(_task_card(t, f"task_sets[{set_name}]") for t in task_sets[set_name])
-        subset = entry.get("tasks")
-        if subset is not None:
-            tasks = tuple(t for t in tasks if t.name in subset)
-            if len(tasks) != len(subset):
-                raise RegistryError(f"registry: {where}.tasks names tasks not in '{set_name}'")
-        models[name] = ModelCard(
-            name=name,
-            family=_require(entry, "family", str, where),
-            version=_require(entry, "version", str, where),
-            description=_require(entry, "description", str, where),
-            license=_require(entry, "license", str, where),
-            citation=entry.get("citation", ""),
-            tasks=tasks,
-            files=tuple(_file_card(f, f"{where}.files") for f in _require(entry, "files", list, where)),
-            note=entry.get("note"),
-            network=entry.get("network"),
-            source=entry.get("source"),
-            packaged=bool(entry.get("packaged", False)),
-            license_id=entry.get("license_id"),
-        )
+        try:
+            models[name] = _model_card(name, entry, task_sets, where)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a shape no check above foresaw
+            raise RegistryError(
+                f"registry: {where} does not follow the schema ({type(exc).__name__}: {exc}); {_FIX}"
+            ) from None
     return models
+
+
+def _model_card(name: str, entry: Any, task_sets: Mapping[str, Any], where: str) -> ModelCard:
+    """One model entry as a card (its task set and files checked)."""
+    set_name = _require(entry, "task_set", str, where)
+    if set_name not in task_sets:
+        raise RegistryError(f"registry: {where}.task_set '{set_name}' is not in task_sets")
+    if not isinstance(task_sets[set_name], list):
+        raise RegistryError(f"registry: task_sets[{set_name}] is {type(task_sets[set_name]).__name__}, "
+                            f"expected a list of task objects; {_FIX}")
+    tasks = tuple(_task_card(t, f"task_sets[{set_name}]") for t in task_sets[set_name])
+    subset = entry.get("tasks")
+    if subset is not None and not (isinstance(subset, list) and all(isinstance(t, str) for t in subset)):
+        raise RegistryError(f"registry: {where}.tasks is {type(subset).__name__}, expected a list of task "
+                            f"names; {_FIX}")
+    if subset is not None:
+        tasks = tuple(t for t in tasks if t.name in subset)
+        if len(tasks) != len(subset):
+            raise RegistryError(f"registry: {where}.tasks names tasks not in '{set_name}'")
+    return ModelCard(
+        name=name,
+        family=_require(entry, "family", str, where),
+        version=_require(entry, "version", str, where),
+        description=_require(entry, "description", str, where),
+        license=_require(entry, "license", str, where),
+        citation=entry.get("citation", ""),
+        tasks=tasks,
+        files=tuple(_file_card(f, f"{where}.files") for f in _require(entry, "files", list, where)),
+        note=entry.get("note"),
+        network=entry.get("network"),
+        source=entry.get("source"),
+        packaged=bool(entry.get("packaged", False)),
+        license_id=entry.get("license_id"),
+    )
 
 
 def registry_path() -> Path:

@@ -121,6 +121,28 @@ def load_torch_file(path: str | Path, *, mmap: bool = False) -> Any:
         raise _corrupt(path, exc) from None
 
 
+TORCH_SUFFIXES = (".model", ".pth", ".pt", ".ckpt")
+LOADABLE_SUFFIXES = (*TORCH_SUFFIXES, ".pkl", ".safetensors")
+
+
+def check_loadable(path: str | Path) -> None:
+    """Load a weights or plans file the way a run will, with the same safe loaders (nothing in
+    it is executed); raise CheckpointError / UnsafePickleError when a run would refuse it.
+
+    Chosen by suffix: .pkl through ``safe_pickle``, .safetensors through safetensors, torch
+    files (.model, .pth, .pt, .ckpt) through ``load_torch_file`` (memory-mapped where it can).
+    Other files (JSON, zips) are not checked here.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".pkl":
+        safe_pickle.load(path)
+    elif suffix == ".safetensors":
+        _load_safetensors(path)
+    elif suffix in TORCH_SUFFIXES:
+        load_torch_file(path, mmap=True)
+
+
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

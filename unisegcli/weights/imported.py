@@ -79,8 +79,12 @@ def imported_card(name: str) -> "ModelCard | None":
     from unisegcli.models.families import card_from_spec
 
     entry = read_imported().get(name)
-    if not entry or not isinstance(entry.get("spec"), str):
+    if entry is None:
         return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("spec"), str):
+        raise WeightsError(f"imported model '{name}' in {imported_path()} is {type(entry).__name__} without a "
+                           f"'spec' string; expected {{\"spec\": \"<family>:<path>\", ...}}. Import it again "
+                           f"(`uniseg weights import nnunet PATH --name {name}`).")
     card = card_from_spec(entry["spec"])
     if card is None:
         raise WeightsError(f"imported model '{name}' has spec {entry['spec']!r}, which this version cannot "
