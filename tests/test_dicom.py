@@ -348,3 +348,35 @@ def test_missing_extra_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "series").mkdir()
     with pytest.raises(UsageError, match=r"pip install 'unisegcli\[dicom\]'"):
         read_dicom(tmp_path / "series")
+
+
+def test_zip_members_that_are_devices_fifos_or_sockets_are_refused(tmp_path: Path) -> None:
+    """One extractor (io.archive) serves DICOM zips and model zips: special files never land."""
+    import stat
+
+    from unisegcli.errors import ArchiveError
+    from unisegcli.io.archive import extract_zip
+
+    for mode in (stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK):
+        member = zipfile.ZipInfo("special")
+        member.external_attr = (mode | 0o644) << 16
+        archive = tmp_path / f"special{mode}.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("ok.dcm", "x")
+            zf.writestr(member, "")
+        with pytest.raises(DicomArchiveError, match="unsafe entry 'special'"):
+            read_dicom(archive)
+        with pytest.raises(ArchiveError, match="unsafe entry"):
+            extract_zip(archive, tmp_path / "out", fix="Use trusted files.")
+        assert not (tmp_path / "out").exists()
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w") as zf:
+        for k in range(3):
+            zf.writestr(f"f{k}.dcm", b"\0" * 1000)
+    with pytest.raises(ArchiveError, match="entries"):
+        extract_zip(big, tmp_path / "out", fix="x", max_files=2)
+    with pytest.raises(ArchiveError, match="unpacks to more than"):
+        extract_zip(big, tmp_path / "out", fix="x", max_bytes=2000)
+    assert extract_zip(big, tmp_path / "out", fix="x") == tmp_path / "out"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.dcm", "f1.dcm", "f2.dcm"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no staging left

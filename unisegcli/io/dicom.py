@@ -23,7 +23,6 @@ patient values; pydicom's own warnings (which can quote element values) are sile
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from unisegcli.errors import (
     UnisegError,
     UsageError,
 )
-from unisegcli.io.archive import unsafe_member
+from unisegcli.io.archive import extract_zip
 from unisegcli.io.dicom_privacy import Redactor, quiet_pydicom
 from unisegcli.io.dicom_series import (  # noqa: F401  (the geometry errors are re-exported)
     DicomGeometryError,
@@ -63,6 +62,7 @@ log = logging.getLogger(__name__)
 DICOM_EXTRA_HINT = "pip install 'unisegcli[dicom]'"
 MAX_ARCHIVE_BYTES = 32 * 1024**3  # refuse zip bombs: no CT series comes near 32 GiB
 MAX_ARCHIVE_FILES = 200_000
+ARCHIVE_FIX = "Re-create the archive from the series folder, or pass the unpacked folder."
 _PROBE_FILES = 256  # is_dicom_input looks at this many files at most
 
 
@@ -146,53 +146,6 @@ def is_dicom_input(path: Path) -> bool:
         if not candidate.name.lower().endswith((".nii", ".nii.gz")) and _has_dicm_preamble(candidate):
             return True
     return False
-
-
-def extract_zip(archive: Path, target: Path) -> Path:
-    """Unpack ``archive`` into ``target`` after checking every entry; returns ``target``.
-
-    Refused: absolute names, drive letters, '..' parts, symbolic links, more than
-    MAX_ARCHIVE_BYTES unpacked or MAX_ARCHIVE_FILES entries. Nothing is written before all
-    entries passed.
-    """
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DicomArchiveError(
-            f"cannot open '{archive}' as a .zip ({type(exc).__name__}); expected a zip of one "
-            "DICOM series. Re-create the archive or pass the unpacked folder."
-        ) from exc
-    with zf:
-        entries = zf.infolist()
-        if len(entries) > MAX_ARCHIVE_FILES:
-            raise DicomArchiveError(f"'{archive}' has {len(entries)} entries; expected at most {MAX_ARCHIVE_FILES}.")
-        total = 0
-        plan: list[tuple[zipfile.ZipInfo, Path]] = []
-        for info in entries:
-            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            reason = unsafe_member(info)
-            if reason is not None:
-                raise DicomArchiveError(
-                    f"'{archive}' has an unsafe entry '{info.filename}' ({reason}); expected plain "
-                    "relative file names. Nothing was extracted; re-create the archive from the "
-                    "series folder."
-                )
-            total += info.file_size
-            if total > MAX_ARCHIVE_BYTES:
-                raise DicomArchiveError(
-                    f"'{archive}' unpacks to more than {MAX_ARCHIVE_BYTES // 1024**3} GiB; expected "
-                    "one series. Pass the series folder instead."
-                )
-            if not info.is_dir():
-                plan.append((info, target.joinpath(*parts)))
-        root = target.resolve()
-        for info, dest in plan:
-            if root not in dest.resolve().parents:  # defence in depth after the name checks
-                raise DicomArchiveError(f"'{archive}' entry '{info.filename}' leaves the extraction folder.")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, dest.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-    return target
 
 
 def _read_headers(folder: Path) -> tuple[list[tuple[str, "Dataset"]], int]:
@@ -283,7 +236,8 @@ def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSo
                     f"'{path}' is neither a folder nor a .zip; expected a DICOM series folder or a "
                     ".zip of one. Pass the folder holding the slice files."
                 )
-            folder = extract_zip(path, tmp_dir / "unpacked")
+            folder = extract_zip(path, tmp_dir / "unpacked", error=DicomArchiveError, max_bytes=MAX_ARCHIVE_BYTES,
+                                 max_files=MAX_ARCHIVE_FILES, fix=ARCHIVE_FIX)
         else:
             folder = path
         images, unreadable = _read_headers(folder)

@@ -23,22 +23,19 @@ Everything is read as JSON: nothing from a downloaded folder is executed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from unisegcli.errors import CheckpointError
-from unisegcli.io.archive import checked_members
+from unisegcli.io.archive import extract_zip as archive_extract
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 _UNPACKED = ".unpacked"  # suffix of the folder a cached zip is extracted into
-_DONE = ".complete"  # marker written last: an unpacked folder without it is unfinished
+ZIP_FIX = "Extract the files you trust by hand and use the folder."
 
 
 @dataclass(frozen=True)
@@ -250,43 +247,15 @@ def find_results_folder(path: Path, hint: str | None = None) -> Path:
     return found[0]
 
 
-def check_zip(source: Path) -> list[zipfile.ZipInfo]:
-    """The members of a zip, refusing the whole archive if any member could escape its folder."""
-    return checked_members(source, fix="Extract the files you trust by hand and use the folder.")
-
-
 def extract_zip(source: Path, target: Path) -> Path:
-    """Extract a checked zip into the new folder ``target`` (atomically: temp folder, rename)."""
-    members = check_zip(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        with zipfile.ZipFile(source) as archive:
-            for m in members:
-                out = staging.joinpath(*re.split(r"[\\/]", m.filename))
-                if m.is_dir():
-                    out.mkdir(parents=True, exist_ok=True)
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(m) as reader, open(out, "wb") as writer:
-                    shutil.copyfileobj(reader, writer, 1 << 20)
-        (staging / _DONE).write_text("ok\n", encoding="utf-8")
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / _DONE).is_file():  # not a concurrent twin that finished first
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    """Extract a checked zip into the new folder ``target`` (all-or-nothing: ``io.archive``)."""
+    return archive_extract(source, target, fix=ZIP_FIX)
 
 
 def unpacked_zip(source: Path) -> Path:
     """A cached zip's extracted folder: next to it when the cache is writable, else in a temp folder."""
     target = source.with_name(source.name + _UNPACKED)
-    if (target / _DONE).is_file():
+    if target.is_dir():  # extraction renames a complete folder into place, so it is complete
         return target
     try:
         return extract_zip(source, target)
