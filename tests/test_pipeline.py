@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_affine, phantom_ct, save_nifti
+from conftest import assert_same_geometry, make_affine, phantom_ct, save_nifti
 from unisegcli.cli.app import app
 from unisegcli.errors import ExitCode
 
@@ -36,9 +36,7 @@ def test_object_lands_on_the_same_voxels(tmp_path: Path, threshold_net) -> None:
     assert result.exit_code == 0, result.output
     mask = nib.load(str(out / "liver.nii.gz"))
     ref = nib.load(str(src))
-    assert mask.shape == ref.shape
-    np.testing.assert_array_equal(mask.affine, ref.affine)
-    assert mask.get_data_dtype() == np.uint8
+    assert_same_geometry(mask, ref)
     np.testing.assert_array_equal(np.asarray(mask.dataobj), (data > 0).astype(np.uint8))
     assert not np.asarray(nib.load(str(out / "liver_tumor.nii.gz")).dataobj).any()
 
@@ -58,9 +56,7 @@ def test_resampled_geometry_round_trip(tmp_path: Path, threshold_net, kind: str)
     assert result.exit_code == 0, result.output
     mask_img = nib.load(str(out / "spleen.nii.gz"))
     ref = nib.load(str(src))
-    assert mask_img.shape == ref.shape
-    np.testing.assert_array_equal(mask_img.affine, ref.affine)
-    assert int(mask_img.header["sform_code"]) == int(ref.header["sform_code"])
+    assert_same_geometry(mask_img, ref)
     mask, truth = np.asarray(mask_img.dataobj) > 0, data > 0
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice > 0.8
