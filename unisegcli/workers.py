@@ -311,7 +311,8 @@ class WorkerPool:
 
 
 def _rebuild(error: str, message: str, code: int | None = None) -> UnisegError:
-    """A worker's error as a UnisegError of the same exit code (the class name is kept)."""
+    """A worker's error rebuilt in the parent: the same class when it is one of
+    ``unisegcli.errors``, else a UnisegError with the same exit code."""
     import unisegcli.errors as errors
 
     cls = getattr(errors, error, None)
