@@ -89,10 +89,9 @@ def _plan(segmenter: "Segmenter", request: BatchRequest, cases: Sequence[CaseInp
           result: Result) -> tuple[list[Planned], list[tuple[CaseInput, UnisegError]]]:
     """Cases to run, and cases that cannot run (an output would replace an input, an input
     vanished); skips cases an earlier run finished. A single case raises instead."""
-    from unisegcli.outputs.writer import check_inputs_spared, output_names, select_structures
+    from unisegcli.outputs.writer import check_inputs_spared, output_names
 
-    structures = select_structures(segmenter.outputs.structures, [s for t in segmenter.tasks for s in t.structures])
-    names = list(output_names(structures, segmenter.outputs).values())
+    names = list(output_names(segmenter.structures, segmenter.outputs).values())
     every_input = [p for case in all_cases for p in case.paths]
     options = segmenter.marker_options()
     card = segmenter.card

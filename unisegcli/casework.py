@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unisegcli.errors import OutputError, UnisegError
+from unisegcli.io.atomic import remove_stale_staged_files
 from unisegcli.io.cases import LoadedCase
 from unisegcli.io.discovery import CaseInput
 from unisegcli.outputs import markers
@@ -40,7 +41,7 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
     folder = planned.folder
     previous = markers.written_files(folder)
     markers.clear_marker(folder)
-    remove_stale_temp_files(folder, before=segmenter.started)
+    remove_stale_staged_files(folder, before=segmenter.started)
     segmentation = segmenter.segment_case(loaded)
     written = segmentation.save(folder, cohort_folder=cohort_folder)
     for name in previous - {p.name for p in written.files}:
@@ -61,26 +62,6 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
         files=list(written.files),
         flags={k: list(v) for k, v in (written.flagged or {}).items()},
     )
-
-
-STALE_PATTERNS = (".*.tmp*", ".uniseg-write-test-*")  # io.atomic's staged files, write probes
-
-
-def remove_stale_temp_files(folder: Path, before: float) -> list[Path]:
-    """Remove staged files (``.<name>.<random>.tmp*``, see ``io.atomic``) and write probes that
-    an interrupted run left in ``folder``: only those last changed before ``before`` (this
-    run's start, Unix seconds), so no file of a run writing right now is ever touched."""
-    if not folder.is_dir():
-        return []
-    removed = []
-    for path in (p for pattern in STALE_PATTERNS for p in folder.glob(pattern)):
-        try:
-            if path.is_file() and path.stat().st_mtime < before:
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            continue  # gone meanwhile, or not ours to remove
-    return removed
 
 
 def record_failure(result: Result, events: Any, case: CaseInput, error: UnisegError | tuple[str, str, int], *,

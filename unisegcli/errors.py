@@ -110,7 +110,7 @@ class DeviceError(UnisegError):
 
 
 class HostMemoryError(DeviceError):
-    """Host memory ran out while reading a scan (a scan too large for this machine)."""
+    """Host memory ran out while reading or segmenting a scan (too large for this machine)."""
 
 
 class OutputError(UnisegError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TextIO
 
-from unisegcli.errors import DeviceError
+from unisegcli.errors import DeviceError, HostMemoryError
 from unisegcli.events import Events
 from unisegcli.models.families import RunSettings, family
 from unisegcli.outputs.writer import OutputOptions, select_structures
@@ -94,7 +94,8 @@ class Segmenter:
         self.settings: RunSettings = self.family.settings(
             options, batch_size=engine.batch_size, step=engine.step, tta=engine.tta, precision=engine.precision,
             accumulator_device=engine.accumulator_device)
-        select_structures(self.outputs.structures, [s for t in self.tasks for s in t.structures])
+        # the structures written, in pipeline order (an unknown --structures name fails now)
+        self.structures = select_structures(self.outputs.structures, [s for t in self.tasks for s in t.structures])
         self.device = _resolve_device(engine)
         self.family.check(self.card, self.tasks, self.settings)
         self._network = network
@@ -205,7 +206,7 @@ class Segmenter:
                     continue
                 raise DeviceError(self._oom_message(loaded, ladder)) from None
             except MemoryError:
-                raise DeviceError(f"out of host memory while segmenting '{loaded.case.case_id}' "
+                raise HostMemoryError(f"out of host memory while segmenting '{loaded.case.case_id}' "
                                   f"({loaded.scan.data.shape[1:]} voxels); expected the scan to fit. Run on a "
                                   "machine with more memory.") from None
         raise AssertionError("unreachable")  # pragma: no cover

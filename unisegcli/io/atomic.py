@@ -18,6 +18,27 @@ from typing import Callable, Iterator
 from unisegcli.errors import OutputError
 
 
+WRITE_PROBE_PREFIX = ".uniseg-write-test-"  # io.nifti.check_output_dir's probe files
+_STALE_PATTERNS = (".*.tmp*", WRITE_PROBE_PREFIX + "*")  # what ``stage`` names, and the probes
+
+
+def remove_stale_staged_files(folder: Path, before: float) -> list[Path]:
+    """Remove staged files and write probes that an interrupted run (killed with -9) left in
+    ``folder``: only those last changed before ``before`` (a run's start, Unix seconds), so no
+    file of a run writing right now is ever touched."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in (p for pattern in _STALE_PATTERNS for p in folder.glob(pattern)):
+        try:
+            if path.is_file() and path.stat().st_mtime < before:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

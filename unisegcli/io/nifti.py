@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unisegcli.io.atomic import staged_files
+from unisegcli.io.atomic import WRITE_PROBE_PREFIX, staged_files
 from unisegcli.io.nifti_header import (
     MAX_SPACING_MM,
     MAX_VOXELS_ENV,
@@ -324,7 +324,7 @@ def check_output_dir(folder: Path, create: bool = True) -> Path:
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".uniseg-write-test-", delete=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=WRITE_PROBE_PREFIX, delete=True)
         probe.close()
     except OSError as exc:
         raise OutputError(
