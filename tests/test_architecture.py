@@ -96,7 +96,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_nothing_below_the_top_imports_the_cli_or_the_session() -> None:
     graph = import_graph()
-    top = ("unisegcli.cli", "unisegcli.session", "unisegcli.api", "unisegcli.batch")
+    top = ("unisegcli.cli", "unisegcli.session", "unisegcli.api", "unisegcli.batch", "unisegcli.combination")
     for name, deps in graph.items():
         if name.startswith(top) or name in ("unisegcli", "unisegcli.__main__"):
             continue

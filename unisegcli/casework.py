@@ -61,6 +61,7 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
         seconds=time.perf_counter() - started,
         files=list(written.files),
         flags={k: list(v) for k, v in (written.flagged or {}).items()},
+        compare=dict(written.compare),
     )
 
 

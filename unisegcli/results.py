@@ -75,8 +75,13 @@ class Segmentation:
         structures overlap the task listed first wins), as ``--multilabel`` writes it."""
         from unisegcli.outputs.multilabel import build_multilabel
 
-        labels = build_multilabel(self.masks_zyx, self.task_of).labels_zyx
+        labels = build_multilabel(self.masks_zyx, self.task_of, self.model_of).labels_zyx
         return np.ascontiguousarray(self.loaded.scan.reorientation.to_file(labels))
+
+    @property
+    def model_of(self) -> dict[str, str] | None:
+        """structure -> model; None for one model (a run of several: ``unisegcli.combination``)."""
+        return None
 
     @property
     def labels(self) -> dict[int, str]:
@@ -89,7 +94,7 @@ class Segmentation:
         from unisegcli.outputs.statistics import case_statistics
 
         return case_statistics(self.loaded.scan, self.masks_zyx, case_id=self.case_id, task_of=self.task_of,
-                               channel_names=self.channel_names)
+                               channel_names=self.channel_names, model_of=self.model_of)
 
     @property
     def channel_names(self) -> tuple[str, ...] | None:
@@ -113,7 +118,13 @@ class Segmentation:
             cohort_folder=cohort_folder,
             selected=True,
             statistics=self.__dict__.get("statistics"),
+            model_of=self.model_of,
+            extra_files=self._extra_files(),
         )
+
+    def _extra_files(self) -> dict[str, str]:
+        """Further files of the case, name -> text (a run of several models adds compare.json)."""
+        return {}
 
 
 @dataclass
@@ -129,6 +140,7 @@ class CaseResult:
     files: list[Path] = field(default_factory=list)  # every file written for the case
     worker: str | None = None  # "w1@cuda:1" when worker processes ran the batch
     flags: dict[str, list[str]] = field(default_factory=dict)  # structure -> QC flags raised (outputs.qc)
+    compare: dict[str, Any] = field(default_factory=dict)  # --compare: structure -> model pairs (Dice, volumes)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """`uniseg segment` (the default command): parse options into typed option objects, build one
-``Segmenter`` and run it over the inputs."""
+``Segmenter`` (a ``Combination`` for several models) and run it over the inputs."""
 
 from __future__ import annotations
 
@@ -42,8 +42,13 @@ def segment_command(
         typer.Option("--tasks", "-t", help="Comma-separated task names, e.g. liver,kidney (see `uniseg tasks`).",
                      show_default=False, rich_help_panel=INPUT),
     ] = ...,  # type: ignore[assignment]
-    model: Annotated[str, typer.Option("--model", "-m", help="Model from the registry (see `uniseg models`).",
-                                       rich_help_panel=INPUT)] = "uniseg",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model from the registry (see `uniseg models`); "
+                                       "several, e.g. uniseg,totalsegmentator: each task from the first that has "
+                                       "it, or MODEL:TASK in --tasks.", rich_help_panel=INPUT)] = "uniseg",
+    compare: Annotated[Optional[str], typer.Option(
+        "--compare", help="Structures to run on every model of --model that has them, e.g. liver: writes "
+        "compare.json/.csv (Dice, volume difference) per case and OUT/compare.csv.", rich_help_panel=INPUT,
+        show_default=False)] = None,
     input_list: Annotated[Optional[str], typer.Option(
         "--input-list", help="File listing inputs: one path per line, or CSV with case_id,path (or one column "
         "per channel); '-' reads stdin.", rich_help_panel=INPUT)] = None,
@@ -136,8 +141,8 @@ def segment_command(
     if verbose:  # library log lines (e.g. the checkpoint keys a loader ignored) on stderr
         _log_to_stderr("unisegcli.models")
     from unisegcli.cli.reporting import RunReporter
+    from unisegcli.combination import segmenter_for
     from unisegcli.outputs.writer import OutputOptions
-    from unisegcli.session import Segmenter
     from unisegcli.settings import EngineOptions
 
     # SIGTERM (Slurm's scancel, timeouts) stops like Ctrl-C: the current case is abandoned
@@ -164,8 +169,8 @@ def segment_command(
     specs = worker_specs(devices, workers, threads)
     reporter = RunReporter()
     try:
-        with Segmenter(model, tasks, engine=engine, options=family_options, outputs=outputs, offline=offline,
-                       events=reporter) as segmenter:
+        with segmenter_for(model, tasks, compare=compare, engine=engine, options=family_options, outputs=outputs,
+                           offline=offline, events=reporter) as segmenter:
             result = segmenter.run(inputs or [], output, input_list=input_list, channels=channel or (),
                                    series_uid=series, shard=shard, overwrite=overwrite, workers=specs)
     except KeyboardInterrupt:

@@ -47,10 +47,12 @@ class Multilabel:
         }
 
 
-def build_multilabel(masks_zyx: Mapping[str, np.ndarray], task_of: Mapping[str, str] | None = None) -> Multilabel:
+def build_multilabel(masks_zyx: Mapping[str, np.ndarray], task_of: Mapping[str, str] | None = None,
+                     model_of: Mapping[str, str] | None = None) -> Multilabel:
     """Combine masks into one label map; ids 1..N in the masks' order, first listed wins.
 
     masks_zyx: structure -> bool [Z, Y, X], all the same shape. task_of: structure -> task.
+    model_of: structure -> model, for runs of several models (each entry then names its "model").
     """
     names = list(masks_zyx)
     if not names:
@@ -68,6 +70,7 @@ def build_multilabel(masks_zyx: Mapping[str, np.ndarray], task_of: Mapping[str, 
         table[label_id] = {
             "name": name,
             "task": (task_of or {}).get(name),
+            **({"model": model_of.get(name)} if model_of is not None else {}),
             "voxels_lost_to_overlap": int(np.count_nonzero(mask) - np.count_nonzero(free)),
         }
     return Multilabel(labels, table)

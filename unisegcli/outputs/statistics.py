@@ -160,6 +160,7 @@ def case_statistics(
     task_of: Mapping[str, str] | None = None,
     channel_names: Sequence[str] | None = None,
     reference_ranges: Mapping[str, Mapping[str, Any]] | None = None,
+    model_of: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Statistics of every structure of a case, as the ``statistics.json`` document.
 
@@ -167,6 +168,8 @@ def case_statistics(
     written, after cleanup). channel_names: one name per channel of ``scan.data`` [C, Z, Y, X]
     (default "image" / "channel0"..). reference_ranges: structure -> {"min", "max", "source"}
     volume ranges in ml for the ``volume_outside_range`` flag (default: the registry's).
+    model_of: structure -> the model that made it, for runs of several models (each structure
+    then has a "model" after its "task"; ``unisegcli.combination``).
     """
     channels = tuple(channel_names) if channel_names else default_channel_names(scan.data.shape[0])
     if len(channels) != scan.data.shape[0]:
@@ -179,6 +182,8 @@ def case_statistics(
         if tuple(mask.shape) != tuple(scan.data.shape[1:]):
             raise ValueError(f"mask '{name}' has shape {mask.shape}, scan is {scan.data.shape[1:]}")
         record = {"task": task_of.get(name)}
+        if model_of is not None:
+            record["model"] = model_of.get(name)
         record.update(structure_statistics(mask, scan.data, affine, file_from_internal, channels))
         structures[name] = record
     statistics = {
@@ -200,6 +205,7 @@ def flatten_rows(statistics: Mapping[str, Any]) -> list[dict[str, Any]]:
     for name, rec in statistics["structures"].items():
         row: dict[str, Any] = {
             "case_id": statistics["case_id"], "structure": name, "task": rec["task"],
+            **({"model": rec["model"]} if "model" in rec else {}),
             "voxel_count": rec["voxel_count"], "volume_ml": rec["volume_ml"],
             "components": rec["components"], "largest_component_ml": rec["largest_component_ml"],
         }  # fmt: skip
@@ -220,9 +226,17 @@ def flatten_rows(statistics: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def csv_columns(channels: Iterable[str]) -> list[str]:
-    """The CSV header for these channel names."""
-    return list(_BASE_COLUMNS) + [f"intensity_{c}_{k}" for c in channels for k in INTENSITY_KEYS]
+def csv_columns(channels: Iterable[str], *, with_model: bool = False) -> list[str]:
+    """The CSV header for these channel names; with_model: a "model" column after "task"
+    (runs of several models)."""
+    base = list(_BASE_COLUMNS)
+    if with_model:
+        base.insert(base.index("task") + 1, "model")
+    return base + [f"intensity_{c}_{k}" for c in channels for k in INTENSITY_KEYS]
+
+
+def _has_models(statistics: Mapping[str, Any]) -> bool:
+    return any("model" in rec for rec in statistics["structures"].values())
 
 
 def _cell(value: Any) -> str:
@@ -250,7 +264,8 @@ def render_statistics(statistics: Mapping[str, Any]) -> tuple[str, str]:
     json.dumps uses allow_nan=False: a NaN would be a bug and fails here, never in a reader.
     """
     json_text = json.dumps(statistics, indent=2, allow_nan=False) + "\n"
-    csv_text = _csv_text(csv_columns(statistics["channels"]), flatten_rows(statistics))
+    columns = csv_columns(statistics["channels"], with_model=_has_models(statistics))
+    csv_text = _csv_text(columns, flatten_rows(statistics))
     return json_text, csv_text
 
 
@@ -279,7 +294,8 @@ def merge_cohort_statistics(
     """
     rows = flatten_rows(statistics)
     return _merge_case_rows(Path(cohort_csv), str(statistics["case_id"]), rows,
-                            csv_columns(statistics["channels"]), "statistics", lock_timeout_s)
+                            csv_columns(statistics["channels"], with_model=_has_models(statistics)),
+                            "statistics", lock_timeout_s)
 
 
 def qc_rows(statistics: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -290,7 +306,8 @@ def qc_rows(statistics: Mapping[str, Any]) -> list[dict[str, Any]]:
         reference = rec["qc"].get("reference_volume_ml") or {}
         centroid = rec["centroid_world_mm"] or [None]
         rows.append({
-            "case_id": statistics["case_id"], "structure": name, "task": rec["task"], "flags": ";".join(raised),
+            "case_id": statistics["case_id"], "structure": name, "task": rec["task"],
+            **({"model": rec["model"]} if "model" in rec else {}), "flags": ";".join(raised),
             "volume_ml": rec["volume_ml"], "reference_min_ml": reference.get("min"),
             "reference_max_ml": reference.get("max"), "touches_edge": ";".join(rec["qc"]["touches_edge"]),
             "components": rec["components"], "centroid_x_mm": centroid[0],
@@ -304,8 +321,19 @@ def merge_cohort_qc(folder: Path, statistics: Mapping[str, Any], *, lock_timeout
     structure); the case's earlier rows are replaced, so a re-run case that is no longer
     flagged disappears. The table exists (header only) once any case was merged. Same
     locking and atomic replacement as ``merge_cohort_statistics``."""
+    columns = list(QC_COLUMNS)
+    if _has_models(statistics):
+        columns.insert(columns.index("task") + 1, "model")
     return _merge_case_rows(Path(folder) / "qc.csv", str(statistics["case_id"]), qc_rows(statistics),
-                            list(QC_COLUMNS), "qc", lock_timeout_s)
+                            columns, "qc", lock_timeout_s)
+
+
+def merge_cohort_rows(table: Path, case_id: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                      kind: str, *, lock_timeout_s: float = 600.0) -> Path:
+    """Replace ``case_id``'s rows of another cohort CSV (e.g. ``OUT/compare.csv``) by ``rows``,
+    with the same locking and atomic replacement as ``merge_cohort_statistics``. columns must
+    hold "case_id" and "structure"."""
+    return _merge_case_rows(Path(table), case_id, rows, columns, kind, lock_timeout_s)
 
 
 def _merge_case_rows(table: Path, case_id: str, rows: Sequence[Mapping[str, Any]],

@@ -88,6 +88,7 @@ class CaseOutputs:
     cohort_qc: Path | None = None
     files: list[Path] = field(default_factory=list)
     flagged: dict[str, list[str]] = field(default_factory=dict)  # structure -> QC flags raised
+    compare: dict[str, Any] = field(default_factory=dict)  # --compare: structure -> model pairs
 
 
 def _key(name: str) -> str:
@@ -160,8 +161,9 @@ def _check_file_names(names: Sequence[str]) -> None:
             raise OutputError(f"output name '{name}' is not a plain file name; expected no '/' or leading '.'.")
 
 
-def output_names(structures: Sequence[str], options: OutputOptions) -> dict[str, str]:
-    """{role: file name} of every file a case writes for these (selected) structures."""
+def output_names(structures: Sequence[str], options: OutputOptions, extra: Sequence[str] = ()) -> dict[str, str]:
+    """{role: file name} of every file a case writes for these (selected) structures; extra:
+    names of further files (role ``extra:<name>``, e.g. ``compare.json``)."""
     from unisegcli.outputs.dicom_out import OUTPUT_FILE_NAMES
 
     names: dict[str, str] = {}
@@ -175,6 +177,7 @@ def output_names(structures: Sequence[str], options: OutputOptions) -> dict[str,
         names.update(statistics_json="statistics.json", statistics_csv="statistics.csv")
     if options.preview:
         names["preview"] = "preview.png"
+    names.update({f"extra:{name}": name for name in extra})
     _check_file_names(list(names.values()))
     return names
 
@@ -227,6 +230,8 @@ def write_case_outputs(
     cohort_folder: Path | None = None,
     selected: bool = False,
     statistics: Mapping[str, Any] | None = None,
+    model_of: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> CaseOutputs:
     """Write every output of one case into ``folder``, all-or-nothing.
 
@@ -240,6 +245,8 @@ def write_case_outputs(
     merged into ``cohort_folder/statistics.csv`` and its flagged structures into
     ``cohort_folder/qc.csv``. selected: ``masks_zyx`` already went through
     ``select_and_clean``. statistics: their ``case_statistics`` when already computed.
+    model_of: structure -> model (runs of several models: recorded in statistics and labels.json).
+    extra_files: file name -> text, staged with the case's other files (``compare.json``).
     """
     import nibabel as nib
 
@@ -252,7 +259,8 @@ def write_case_outputs(
     masks = masks_zyx if selected else select_and_clean(masks_zyx, options, voxel_ml)
     case = case_id if case_id is not None else scan.case_id
 
-    names = output_names(list(masks), options)
+    extra_files = dict(extra_files or {})
+    names = output_names(list(masks), options, list(extra_files))
 
     # Everything that can fail on content is computed before any file is staged.
     if not options.statistics:
@@ -260,7 +268,8 @@ def write_case_outputs(
     elif statistics is None:
         from unisegcli.outputs.statistics import case_statistics
 
-        statistics = case_statistics(scan, masks, case_id=case, task_of=task_of, channel_names=channel_names)
+        statistics = case_statistics(scan, masks, case_id=case, task_of=task_of, channel_names=channel_names,
+                                     model_of=model_of)
     if statistics is not None:
         from unisegcli.outputs.statistics import render_statistics
 
@@ -274,7 +283,7 @@ def write_case_outputs(
     if "multilabel" in names:
         from unisegcli.outputs.multilabel import build_multilabel
 
-        multilabel = build_multilabel(masks, task_of)
+        multilabel = build_multilabel(masks, task_of, model_of)
 
     check_output_dir(folder)
     with staged_files(folder) as stage:
@@ -298,6 +307,8 @@ def write_case_outputs(
             stage(names["statistics_csv"]).write_text(csv_text, encoding="utf-8")
         if preview is not None:
             preview.image.save(stage(names["preview"]), format="PNG")
+        for name, text in extra_files.items():
+            stage(name).write_text(text, encoding="utf-8")
 
     def path(role: str) -> Path | None:
         return folder / names[role] if role in names else None

@@ -1,0 +1,184 @@
+"""Several models per run (``--model a,b``) and ``--compare``: which model gives which structure,
+options shared out by family, each model loaded once and run once per case, merged files,
+statistics, labels and markers, and Dice / volume differences between models."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import unisegcli.session
+from conftest import DATA, ThresholdNet, phantom_ct, save_nifti
+from unisegcli.assignment import assign, split_models
+from unisegcli.cli.app import app
+from unisegcli.combination import Combination, segmenter_for
+from unisegcli.errors import ExitCode, UnknownModelError, UnknownTaskError, UsageError
+from unisegcli.outputs.comparison import compare_structure, dice
+from unisegcli.outputs.writer import OutputOptions
+from unisegcli.session import Segmenter
+from unisegcli.weights.resolver import get_model
+
+runner = CliRunner()
+DEMO = "uniseg-demo"
+NNUNET = "nnunet:" + str(DATA / "nnunetv2_tiny" / "Dataset999_Tiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+AFFINE = np.diag([-1.5, -1.5, 3.0, 1.0])
+
+
+def cards(*names: str) -> dict:
+    return {name: get_model(name) for name in names}
+
+
+def events_of(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+class DimNet(ThresholdNet):
+    """Like ThresholdNet, but class 1 only where the normalised CT is > 0.85 (above ~228 HU): a
+    smaller mask of the same phantom, so two models disagree by a known part of the scan."""
+
+    def decode(self, features, task_index):
+        import torch
+
+        self.decode_calls += 1
+        score = (features[:, :1] - 0.85) * 20.0
+        return torch.cat([-score, score, -score - 10.0, -score - 10.0], dim=1)
+
+
+@pytest.fixture
+def two_nets(monkeypatch) -> dict[str, int]:
+    """uniseg gets a ThresholdNet, uniseg-demo a DimNet; returns loads counted per model."""
+    loads: dict[str, int] = {}
+
+    def load(segmenter):
+        loads[segmenter.card.name] = loads.get(segmenter.card.name, 0) + 1
+        return DimNet() if segmenter.card.name == DEMO else ThresholdNet()
+
+    monkeypatch.setattr(unisegcli.session, "load_network", load)
+    return loads
+
+
+def two_level_ct(shape=(40, 36, 12)) -> np.ndarray:
+    """A bright 300 HU box inside a dimmer 150 HU slab on -500 HU: the models see different extents."""
+    data = np.full(shape, -500.0, dtype=np.float32)
+    data[8:30, 6:24, 2:10] = 150.0
+    data[12:24, 10:20, 3:8] = 300.0
+    return data
+
+
+# -- who gives which structure ------------------------------------------------------------------
+
+
+def test_each_task_comes_from_the_first_model_that_has_it() -> None:
+    picks = assign(cards("uniseg", DEMO), "spleen,liver,lung").picks
+    assert [(p.model, p.task.name) for p in picks] == [("uniseg", "spleen"), ("uniseg", "liver"), ("uniseg", "lung_tumor")]
+    picks = assign(cards(DEMO, "uniseg"), "spleen,liver,lung").picks
+    assert [(p.model, p.task.name) for p in picks] == [(DEMO, "spleen"), (DEMO, "liver"), ("uniseg", "lung_tumor")]
+
+
+def test_model_colon_task_picks_the_model_also_for_nnunet_paths() -> None:
+    found = assign(cards(DEMO, NNUNET), f"pancreas,{NNUNET}:liver,uniseg-demo:kidney").picks
+    assert [(p.model, p.task.name) for p in found] == [(DEMO, "pancreas"), (NNUNET, "liver"), (DEMO, "kidney")]
+
+
+def test_a_task_no_model_has_lists_what_each_model_offers() -> None:
+    with pytest.raises(UnknownTaskError) as caught:
+        assign(cards(DEMO, NNUNET), "liver,pancreaz")
+    message = str(caught.value)
+    assert "'pancreaz'" in message and "did you mean 'pancreas'" in message and "\n" not in message
+    assert "uniseg-demo offers liver, kidney, pancreas, spleen" in message
+    assert f"{NNUNET} offers liver, spleen, kidney" in message
+
+
+def test_an_unknown_model_before_a_colon_is_a_usage_error() -> None:
+    with pytest.raises(UnknownModelError, match=r"'unisge' in --tasks 'unisge:liver' is not one of the models.*"
+                                                r"did you mean 'uniseg'"):
+        assign(cards("uniseg", DEMO), "unisge:liver")
+
+
+def test_one_structure_from_two_models_is_refused_with_the_compare_hint() -> None:
+    with pytest.raises(UsageError, match=r"structure 'liver' would come from both 'uniseg' \(task liver\) and "
+                                         r"'uniseg-demo' \(task liver\).*--compare liver"):
+        assign(cards("uniseg", DEMO), "liver,uniseg-demo:liver")
+
+
+def test_compare_runs_the_structure_on_every_model_that_has_it() -> None:
+    found = assign(cards(DEMO, "uniseg", NNUNET), "spleen", compare=["liver"])
+    assert [(p.model, p.task.name, p.written) for p in found.picks] == [
+        (DEMO, "spleen", True), (DEMO, "liver", True), ("uniseg", "liver", False), (NNUNET, "liver", False)]
+    assert found.compared[0].sources == ((DEMO, "liver", "liver"), ("uniseg", "liver", "liver"),
+                                         (NNUNET, "liver", "liver"))
+    with pytest.raises(UsageError, match="--compare pancreas: only 'uniseg-demo' of the models"):
+        assign(cards(DEMO, NNUNET), "liver", compare=["pancreas"])
+
+
+def test_model_lists_and_compare_need_sense() -> None:
+    assert split_models(" uniseg , uniseg-demo ") == ["uniseg", "uniseg-demo"]
+    with pytest.raises(UsageError, match="names 'uniseg' twice"):
+        split_models("uniseg,uniseg")
+    with pytest.raises(UsageError, match="--compare needs two or more models"):
+        segmenter_for("uniseg", "liver", compare="liver")
+    assert isinstance(segmenter_for(DEMO, "liver"), Segmenter)
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def test_an_option_goes_to_the_models_that_declare_it() -> None:
+    with Combination([DEMO, NNUNET], f"pancreas,{NNUNET}:liver", options={"folds": (0,), "gaussian": False}) as combo:
+        demo, nnunet = combo.members[DEMO], combo.members[NNUNET]
+        assert "folds" not in demo.settings.options and "gaussian" not in demo.settings.options
+        assert nnunet.settings.options["folds"] == (0,) and nnunet.settings.options["gaussian"] is False
+        assert combo.loads == 0  # nothing loads before the first case
+
+
+def test_an_option_no_model_of_the_run_takes_is_one_usage_error(tmp_path: Path) -> None:
+    path = save_nifti(tmp_path / "ct.nii.gz", phantom_ct(), AFFINE)
+    out = tmp_path / "out"
+    result = runner.invoke(app, [str(path), "-o", str(out), "--model", f"uniseg,{DEMO},{NNUNET}", "--tasks",
+                                 "liver,spleen", "--folds", "0"])
+    assert result.exit_code == ExitCode.USAGE
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--folds does not apply to any model of this run (uniseg)" in lines[0]
+    assert f"no structure comes from {DEMO}, {NNUNET}" in lines[0]
+    assert not out.exists()
+
+
+# -- Dice and volumes ----------------------------------------------------------------------------
+
+
+def test_dice_and_volume_difference_of_masks_with_a_known_overlap() -> None:
+    a = np.zeros((10, 10, 10), bool)
+    b = np.zeros((10, 10, 10), bool)
+    a[0:4] = True  # 400 voxels
+    b[2:8] = True  # 600 voxels, 200 shared
+    assert dice(a, b) == pytest.approx(2 * 200 / 1000)
+    record = compare_structure({"m1": a, "m2": b}, {"m1": "liver", "m2": "liver"}, voxel_ml=0.5)
+    pair = record["pairs"][0]
+    assert (pair["voxels_a"], pair["voxels_b"], pair["voxels_both"]) == (400, 600, 200)
+    assert pair["volume_difference_ml"] == pytest.approx(100.0) and pair["volume_difference_percent"] == pytest.approx(50.0)
+    empty = np.zeros_like(a)
+    assert dice(empty, empty) is None and dice(a, empty) == 0.0
+    assert compare_structure({"m1": empty, "m2": b}, {}, 1.0)["pairs"][0]["volume_difference_percent"] is None
+
+
+def test_compare_reports_the_dice_of_the_models_own_masks(two_nets) -> None:
+    image = nib.Nifti1Image(two_level_ct(), AFFINE)
+    with Segmenter("uniseg", "liver") as alone_a, Segmenter(DEMO, "liver") as alone_b:
+        mask_a = alone_a.predict(image).masks["liver"].astype(bool)
+        mask_b = alone_b.predict(image).masks["liver"].astype(bool)
+    assert mask_a.sum() > mask_b.sum() > 0 and dice(mask_a, mask_b) < 0.9  # the models disagree
+    with Combination(["uniseg", DEMO], "spleen", compare="liver") as combo:
+        result = combo.predict(image)
+    pair = result.comparison["structures"]["liver"]["pairs"][0]
+    assert (pair["model_a"], pair["model_b"]) == ("uniseg", DEMO)
+    assert pair["dice"] == pytest.approx(dice(mask_a, mask_b), abs=1e-12)
+    assert (pair["voxels_a"], pair["voxels_b"]) == (int(mask_a.sum()), int(mask_b.sum()))
+    np.testing.assert_array_equal(result.masks["liver"], mask_a)  # written from the first model
+    assert result.model_of == {"spleen": "uniseg", "liver": "uniseg", "liver_tumor": "uniseg"}
