@@ -312,7 +312,6 @@ def write_case_outputs(
 
     def path(role: str) -> Path | None:
         return folder / names[role] if role in names else None
-
     outputs = CaseOutputs(
         folder=folder,
         masks={n: folder / names[f"mask:{n}"] for n in masks if f"mask:{n}" in names},
@@ -327,8 +326,13 @@ def write_case_outputs(
         flagged=dict(statistics["flagged"]) if statistics is not None else {},
     )
     if statistics is not None and cohort_folder is not None and Path(cohort_folder).resolve() != folder.resolve():
-        from unisegcli.outputs.statistics import merge_cohort_qc, merge_cohort_statistics
-
-        outputs.cohort_statistics = merge_cohort_statistics(Path(cohort_folder) / "statistics.csv", statistics)
-        outputs.cohort_qc = merge_cohort_qc(Path(cohort_folder), statistics)
+        _merge_cohort(outputs, statistics, Path(cohort_folder))
     return outputs
+
+
+def _merge_cohort(outputs: CaseOutputs, statistics: Mapping[str, Any], cohort_folder: Path) -> None:
+    """Merge a written case into the cohort tables ``statistics.csv`` and ``qc.csv``."""
+    from unisegcli.outputs.statistics import merge_cohort_qc, merge_cohort_statistics
+
+    outputs.cohort_statistics = merge_cohort_statistics(cohort_folder / "statistics.csv", statistics)
+    outputs.cohort_qc = merge_cohort_qc(cohort_folder, statistics)
