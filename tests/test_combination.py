@@ -182,3 +182,108 @@ def test_compare_reports_the_dice_of_the_models_own_masks(two_nets) -> None:
     assert (pair["voxels_a"], pair["voxels_b"]) == (int(mask_a.sum()), int(mask_b.sum()))
     np.testing.assert_array_equal(result.masks["liver"], mask_a)  # written from the first model
     assert result.model_of == {"spleen": "uniseg", "liver": "uniseg", "liver_tumor": "uniseg"}
+
+
+# -- a batch through the command line -----------------------------------------------------------
+
+
+def cohort(folder: Path, count: int = 2) -> Path:
+    folder.mkdir(parents=True)
+    for k in range(count):
+        data = two_level_ct()
+        data[4 + 2 * k:8 + 2 * k, 26:32, 4:8] = 300.0  # a second bright spot that moves per case
+        save_nifti(folder / f"case{k:02d}.nii.gz", data, AFFINE)
+    return folder
+
+
+def test_a_batch_merges_files_statistics_labels_and_compare_per_model(tmp_path: Path, two_nets) -> None:
+    inputs, out = cohort(tmp_path / "in"), tmp_path / "out"
+    args = [str(inputs), "-o", str(out), "--model", f"uniseg,{DEMO}", "--tasks", f"liver,{DEMO}:spleen",
+            "--compare", "liver", "--multilabel", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert two_nets == {"uniseg": 1, DEMO: 1}  # each model loaded once for the two cases
+    events = events_of(result.stdout)
+    started = next(e for e in events if e["event"] == "run_started")
+    assert (started["model"], started["version"]) == (f"uniseg,{DEMO}", "1.0,1.0")
+    done = [e for e in events if e["event"] == "case_done"]
+    assert len(done) == 2
+    for event in done:
+        case = out / event["case_id"]
+        assert sorted(p.name for p in case.iterdir() if not p.name.startswith(".")) == sorted([
+            "liver.nii.gz", "liver_tumor.nii.gz", "spleen.nii.gz", "segmentation.nii.gz", "labels.json",
+            "statistics.json", "statistics.csv", "compare.json", "compare.csv"])
+        statistics = json.loads((case / "statistics.json").read_text())
+        assert {n: (s["task"], s["model"]) for n, s in statistics["structures"].items()} == {
+            "liver": ("liver", "uniseg"), "liver_tumor": ("liver", "uniseg"), "spleen": ("spleen", DEMO)}
+        rows = list(csv.DictReader(io.StringIO((case / "statistics.csv").read_text())))
+        assert [(r["structure"], r["model"]) for r in rows] == [("liver", "uniseg"), ("liver_tumor", "uniseg"),
+                                                                ("spleen", DEMO)]
+        labels = json.loads((case / "labels.json").read_text())["labels"]
+        assert {i: (e["name"], e["model"]) for i, e in labels.items()} == {
+            "1": ("liver", "uniseg"), "2": ("liver_tumor", "uniseg"), "3": ("spleen", DEMO)}
+        compare = json.loads((case / "compare.json").read_text())["structures"]["liver"]
+        assert event["compare"] == {"liver": compare["pairs"]}
+        liver = np.asarray(nib.load(str(case / "liver.nii.gz")).dataobj).astype(bool)
+        assert compare["models"]["uniseg"]["voxel_count"] == int(liver.sum())
+        with Segmenter(DEMO, "liver,spleen") as alone:  # the other model's own masks, for the expected numbers
+            own = alone.predict(inputs / f"{event['case_id']}.nii.gz").masks
+        spleen = np.asarray(nib.load(str(case / "spleen.nii.gz")).dataobj)
+        np.testing.assert_array_equal(spleen, own["spleen"])
+        assert compare["pairs"][0]["dice"] == pytest.approx(dice(liver, own["liver"].astype(bool)), abs=1e-12)
+        assert 0.0 < compare["pairs"][0]["dice"] < 1.0
+    cohort_rows = list(csv.DictReader(io.StringIO((out / "compare.csv").read_text())))
+    assert [(r["case_id"], r["structure"], r["model_a"], r["model_b"]) for r in cohort_rows] == [
+        ("case00", "liver", "uniseg", DEMO), ("case01", "liver", "uniseg", DEMO)]
+    assert {r["case_id"]: float(r["dice"]) for r in cohort_rows} == {
+        e["case_id"]: e["compare"]["liver"][0]["dice"] for e in done}
+    assert "model" in next(csv.DictReader(io.StringIO((out / "statistics.csv").read_text())))
+    marker = json.loads((out / "case00" / ".uniseg-done.json").read_text())
+    assert [(m["model"], m["version"], m["tasks"], m["written"]) for m in marker["options"]["models"]] == [
+        ("uniseg", "1.0", ["liver"], ["liver"]), (DEMO, "1.0", ["spleen", "liver"], ["spleen"])]
+    again = runner.invoke(app, args)
+    assert [e["event"] for e in events_of(again.stdout)].count("case_skipped") == 2
+    swapped = runner.invoke(app, [*args[:4], f"{DEMO},uniseg", *args[5:]])  # other order: other liver
+    assert swapped.exit_code == 0, swapped.output
+    assert [e["event"] for e in events_of(swapped.stdout)].count("case_done") == 2
+    statistics = json.loads((out / "case00" / "statistics.json").read_text())
+    assert statistics["structures"]["liver"]["model"] == DEMO
+
+
+def test_compare_with_one_model_is_a_usage_error_and_writes_nothing(tmp_path: Path) -> None:
+    path = save_nifti(tmp_path / "ct.nii.gz", phantom_ct(), AFFINE)
+    out = tmp_path / "out"
+    result = runner.invoke(app, [str(path), "-o", str(out), "--model", DEMO, "--tasks", "liver", "--compare", "liver"])
+    assert result.exit_code == ExitCode.USAGE
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--compare needs two or more models" in lines[0]
+    assert not out.exists()
+
+
+# -- two families with their real weights ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_crop(tmp_path_factory) -> Path:
+    """A crop of the example CT (the demo model's training scan)."""
+    image = nib.load(str(DATA / "example_ct.nii.gz"))
+    crop = np.asarray(image.dataobj)[30:94, 24:88, 4:20].astype(np.int16)
+    return save_nifti(tmp_path_factory.mktemp("crop") / "crop.nii.gz", crop, image.affine)
+
+
+def test_an_nnunet_folder_and_the_demo_model_combine(tmp_path: Path, demo_crop: Path, single_thread) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, [str(demo_crop), "-o", str(out), "--model", f"{NNUNET},{DEMO}", "--tasks",
+                                 "liver,pancreas", "--compare", "liver", "--folds", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    with Segmenter(NNUNET, "liver", options={"folds": (0,)}) as nnunet, Segmenter(DEMO, "pancreas,liver") as demo:
+        own_nnunet, own_demo = nnunet.predict(demo_crop).masks, demo.predict(demo_crop).masks
+    for name, expected in (("liver", own_nnunet["liver"]), ("pancreas", own_demo["pancreas"])):
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out / f"{name}.nii.gz")).dataobj), expected)
+    statistics = json.loads((out / "statistics.json").read_text())["structures"]
+    assert {n: s["model"] for n, s in statistics.items()} == {"liver": NNUNET, "pancreas": DEMO}
+    pair = json.loads((out / "compare.json").read_text())["structures"]["liver"]["pairs"][0]
+    assert (pair["model_a"], pair["model_b"]) == (NNUNET, DEMO)
+    expected = dice(own_nnunet["liver"].astype(bool), own_demo["liver"].astype(bool))
+    assert pair["dice"] == pytest.approx(expected, abs=1e-12)
+    assert pair["voxels_b"] == int(own_demo["liver"].sum()) > 0
