@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import unisegcli.session
 from conftest import DATA, ThresholdNet, phantom_ct, save_nifti
+from test_workers import outputs_of, worker_hook  # noqa: F401  (the spawned workers' stand-in network)
 from unisegcli.assignment import assign, split_models
 from unisegcli.cli.app import app
 from unisegcli.combination import Combination, segmenter_for
@@ -85,6 +86,9 @@ def test_each_task_comes_from_the_first_model_that_has_it() -> None:
 def test_model_colon_task_picks_the_model_also_for_nnunet_paths() -> None:
     found = assign(cards(DEMO, NNUNET), f"pancreas,{NNUNET}:liver,uniseg-demo:kidney").picks
     assert [(p.model, p.task.name) for p in found] == [(DEMO, "pancreas"), (NNUNET, "liver"), (DEMO, "kidney")]
+    hermes = assign(cards("uniseg", "hermes"), "hermes:bcv:liver,bcv:spleen").picks  # Hermes' own colon
+    assert [(p.model, p.task.extra.get("dataset"), p.task.structures) for p in hermes] == [
+        ("hermes", "bcv", ("bcv_liver",)), ("hermes", "bcv", ("bcv_spleen",))]
 
 
 def test_a_task_no_model_has_lists_what_each_model_offers() -> None:
@@ -287,3 +291,32 @@ def test_an_nnunet_folder_and_the_demo_model_combine(tmp_path: Path, demo_crop: 
     expected = dice(own_nnunet["liver"].astype(bool), own_demo["liver"].astype(bool))
     assert pair["dice"] == pytest.approx(expected, abs=1e-12)
     assert pair["voxels_b"] == int(own_demo["liver"].sum()) > 0
+
+
+def test_workers_run_a_combination_and_write_what_one_process_writes(tmp_path: Path, threshold_net,
+                                                                       worker_hook) -> None:
+    inputs = cohort(tmp_path / "in", count=3)
+    args = ["--model", f"uniseg,{DEMO}", "--tasks", "liver,spleen", "--compare", "liver"]
+    serial = runner.invoke(app, [str(inputs), "-o", str(tmp_path / "serial"), *args, "-q"])
+    assert serial.exit_code == 0, serial.output
+    parallel = runner.invoke(app, [str(inputs), "-o", str(tmp_path / "par"), *args, "--workers", "2", "--json"])
+    assert parallel.exit_code == 0, parallel.output
+    done = [e for e in events_of(parallel.stdout) if e["event"] == "case_done"]
+    assert sorted(e["case_id"] for e in done) == ["case00", "case01", "case02"] and all("compare" in e for e in done)
+    a, b = outputs_of(tmp_path / "serial"), outputs_of(tmp_path / "par")
+    assert a.keys() == b.keys() and "compare.csv" in a and "case00/compare.json" in a
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+def test_the_one_call_api_takes_several_models_and_compare(tmp_path: Path, two_nets) -> None:
+    from unisegcli.api import segment
+
+    path = save_nifti(tmp_path / "ct.nii.gz", two_level_ct(), AFFINE)
+    result = segment([path], "spleen", model=f"uniseg,{DEMO}", compare=["liver"], output=tmp_path / "out")
+    assert result.exit_code == 0 and result.model.name == f"uniseg,{DEMO}"
+    assert set(result.cases[0].compare) == {"liver"} and (tmp_path / "out" / "compare.json").exists()
+    assert len((tmp_path / "out" / "compare.csv").read_text().splitlines()) == 2  # header and one row

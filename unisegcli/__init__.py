@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from unisegcli.version import __version__
-__all__ = ["EngineOptions", "OutputOptions", "Segmentation", "Segmenter", "__version__"]
+__all__ = ["Combination", "EngineOptions", "OutputOptions", "Segmentation", "Segmenter", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from unisegcli.session import Segmenter
 
         return Segmenter
+    if name == "Combination":
+        from unisegcli.combination import Combination
+
+        return Combination
     if name == "Segmentation":
         from unisegcli.results import Segmentation
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence, TextIO
 
+from unisegcli.combination import Combination, segmenter_for
 from unisegcli.events import Events
 from unisegcli.models.families import RunSettings
 from unisegcli.outputs.writer import OutputOptions
@@ -19,8 +20,8 @@ from unisegcli.results import CaseFailure, CaseResult, Result, Segmentation
 from unisegcli.session import Segmenter
 from unisegcli.settings import EngineOptions
 
-__all__ = ["CaseFailure", "CaseResult", "EngineOptions", "Events", "OutputOptions", "Result", "RunSettings",
-           "Segmentation", "Segmenter", "segment"]
+__all__ = ["CaseFailure", "CaseResult", "Combination", "EngineOptions", "Events", "OutputOptions", "Result",
+           "RunSettings", "Segmentation", "Segmenter", "segment"]
 
 
 def segment(
@@ -48,13 +49,15 @@ def segment(
     folds: Sequence[int] | None = None,
     nnunet_exact: bool = False,
     gaussian: bool | None = None,
+    compare: str | Sequence[str] | None = None,
 ) -> Result:
     """Segment scans with a model; write masks, statistics and other outputs into ``output``.
 
     inputs: NIfTI files, folders, globs or DICOM series. tasks: "liver,kidney" or a list of
     names/aliases. device ... threads: the engine options (``EngineOptions``); modality, folds,
     nnunet_exact, gaussian: family options (an option the model's family does not have is a
-    UsageError). Raises the domain errors of ``unisegcli.errors`` for problems of the run itself,
+    UsageError). model: "a,b" runs several models and compare: structures to compare between
+    them (``unisegcli.combination``). Raises the domain errors of ``unisegcli.errors`` for problems of the run itself,
     and for the failure of a single-case run; in a batch, failed cases are recorded in
     ``Result.failures`` and ``OUT/failures.jsonl``.
     """
@@ -62,7 +65,8 @@ def segment(
                            threads=threads)
     options = {"modality": modality, "folds": tuple(folds) if folds is not None else None,
                "nnunet_exact": nnunet_exact or None, "gaussian": gaussian}
-    with Segmenter(model, tasks, engine=engine, options=options, outputs=outputs, offline=offline,
-                   events=events) as segmenter:
+    compared = compare if compare is None or isinstance(compare, str) else ",".join(compare)
+    with segmenter_for(model, tasks, compare=compared, engine=engine, options=options, outputs=outputs,
+                       offline=offline, events=events) as segmenter:
         return segmenter.run(inputs, output, input_list=input_list, channels=channels, series_uid=series_uid,
                              shard=shard, overwrite=overwrite, stdin=stdin)
