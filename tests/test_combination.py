@@ -195,7 +195,7 @@ def cohort(folder: Path, count: int = 2) -> Path:
     folder.mkdir(parents=True)
     for k in range(count):
         data = two_level_ct()
-        data[4 + 2 * k:8 + 2 * k, 26:32, 4:8] = 300.0  # a second bright spot that moves per case
+        data[2 + k:8 + k, 26:34, 2:10] = 300.0  # a second bright piece (moves per case): "fragmented"
         save_nifti(folder / f"case{k:02d}.nii.gz", data, AFFINE)
     return folder
 
@@ -242,6 +242,9 @@ def test_a_batch_merges_files_statistics_labels_and_compare_per_model(tmp_path: 
     assert {r["case_id"]: float(r["dice"]) for r in cohort_rows} == {
         e["case_id"]: e["compare"]["liver"][0]["dice"] for e in done}
     assert "model" in next(csv.DictReader(io.StringIO((out / "statistics.csv").read_text())))
+    flagged = list(csv.DictReader(io.StringIO((out / "qc.csv").read_text())))
+    fragmented = {(r["case_id"], r["structure"], r["model"]) for r in flagged if "fragmented" in r["flags"]}
+    assert fragmented >= {("case00", "liver", "uniseg"), ("case00", "spleen", DEMO)}
     marker = json.loads((out / "case00" / ".uniseg-done.json").read_text())
     assert [(m["model"], m["version"], m["tasks"], m["written"]) for m in marker["options"]["models"]] == [
         ("uniseg", "1.0", ["liver"], ["liver"]), (DEMO, "1.0", ["spleen", "liver"], ["spleen"])]

@@ -5,6 +5,8 @@
 
 Ids follow the order of the masks given — the pipeline builds that order from the --tasks
 order, then each task's label index — so "liver,kidney" gives liver's structures the low ids.
+In a run of several models (``unisegcli.combination``) the order is the same --tasks order,
+whatever model gives a task, and each labels.json entry names its "model".
 
 Overlaps (the same voxel claimed by structures of different tasks — within one task labels
 never overlap — e.g. an organ from an organ task and a tumour from a tumour task): the
