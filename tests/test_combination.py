@@ -78,7 +78,8 @@ def two_level_ct(shape=(40, 36, 12)) -> np.ndarray:
 
 def test_each_task_comes_from_the_first_model_that_has_it() -> None:
     picks = assign(cards("uniseg", DEMO), "spleen,liver,lung").picks
-    assert [(p.model, p.task.name) for p in picks] == [("uniseg", "spleen"), ("uniseg", "liver"), ("uniseg", "lung_tumor")]
+    assert [(p.model, p.task.name) for p in picks] == [("uniseg", "spleen"), ("uniseg", "liver"),
+                                                       ("uniseg", "lung_tumor")]
     picks = assign(cards(DEMO, "uniseg"), "spleen,liver,lung").picks
     assert [(p.model, p.task.name) for p in picks] == [(DEMO, "spleen"), (DEMO, "liver"), ("uniseg", "lung_tumor")]
 
@@ -166,7 +167,8 @@ def test_dice_and_volume_difference_of_masks_with_a_known_overlap() -> None:
     record = compare_structure({"m1": a, "m2": b}, {"m1": "liver", "m2": "liver"}, voxel_ml=0.5)
     pair = record["pairs"][0]
     assert (pair["voxels_a"], pair["voxels_b"], pair["voxels_both"]) == (400, 600, 200)
-    assert pair["volume_difference_ml"] == pytest.approx(100.0) and pair["volume_difference_percent"] == pytest.approx(50.0)
+    assert pair["volume_difference_ml"] == pytest.approx(100.0)
+    assert pair["volume_difference_percent"] == pytest.approx(50.0)
     empty = np.zeros_like(a)
     assert dice(empty, empty) is None and dice(a, empty) == 0.0
     assert compare_structure({"m1": empty, "m2": b}, {}, 1.0)["pairs"][0]["volume_difference_percent"] is None
