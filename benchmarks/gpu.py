@@ -211,6 +211,8 @@ def part_seven_tasks(bench: Bench) -> dict[str, Any]:
         result["masks_written"] = sum(1 for p in outputs.masks.values() if p is not None and Path(p).is_file())
     result.update(stats)
     result["stages_s"] = dict(stages)
+    result["stages_note"] = ("wall clock around each stage's Python call, read to write; on a GPU, work still "
+                             "queued when a stage returns is counted in the next one")
     if bench.gpu:
         torch.cuda.empty_cache()
     return result
