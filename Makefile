@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 STAMP := $(VENV)/.uniseg-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-container bench clean
+.PHONY: venv demo test test-container bench bench-small bench-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,21 @@ bench: venv
 	$(BENCH) benchmarks/multitask_scaling.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/memory.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/workers.py
+
+# The same comparisons at toy sizes (each under 3 minutes on 2 CPU cores); the last line of
+# each is its headline.
+bench-small: venv
+	$(BENCH) benchmarks/startup.py --small
+	$(BENCH) benchmarks/engine_vs_nnunet.py --small $(BENCH_ARGS)
+	$(BENCH) benchmarks/end_to_end.py --small $(BENCH_ARGS)
+	$(BENCH) benchmarks/multitask_scaling.py --small $(BENCH_ARGS)
+	$(BENCH) benchmarks/memory.py --small $(BENCH_ARGS)
+	$(BENCH) benchmarks/workers.py --small
+
+# One CUDA GPU, under 8 minutes: engine vs nnU-Net, batch sizes, accumulators, 7 CT tasks on a
+# 512x512x300 CT (benchmarks/gpu.py; results/gpu_cuda.json). Needs a CUDA build of torch.
+bench-gpu: venv
+	$(BENCH) benchmarks/gpu.py --device cuda $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

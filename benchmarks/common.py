@@ -111,11 +111,33 @@ def machine_record(device: "torch.device | str | None" = None) -> dict[str, Any]
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
     if device is not None and torch.device(device).type == "cuda":
-        index = torch.device(device).index or 0
-        props = torch.cuda.get_device_properties(index)
-        record["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-        record["cuda"] = torch.version.cuda
+        record.update(gpu_record(torch.device(device)))
     return record
+
+
+def gpu_record(device: "torch.device") -> dict[str, Any]:
+    """The GPU that ran the numbers: name and memory, compute capability, driver, CUDA, cuDNN."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {
+        "gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB",
+        "gpu_compute_capability": f"{props.major}.{props.minor}",
+        "gpu_driver": _nvidia_driver(index),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+
+
+def _nvidia_driver(index: int) -> str | None:
+    """The NVIDIA driver version from nvidia-smi (torch does not report it); None without it."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def finish_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +165,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per contestant (median reported)")
     parser.add_argument("--tag", default=None, help="suffix of the result file name (results/<name>_<tag>.json)")
     return parser
+
+
+def add_small(parser: Any, what: str) -> None:
+    """``--small`` on a parser or argument group: the same comparison at toy sizes, under 3
+    minutes on a 2-core CPU. ``what`` says what it shrinks to (the help text)."""
+    parser.add_argument("--small", action="store_true", help=f"toy sizes, under 3 minutes: {what}")
+
+
+def headline(name: str, text: str) -> None:
+    """Print the script's one-line result as its last line: ``<name>: <text>``."""
+    print(f"{name}: {text}", flush=True)
 
 
 def result_name(base: str, args: argparse.Namespace, *variants: str | None) -> str:
@@ -254,11 +287,13 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: st
 
 
 def write_result(name: str, payload: Mapping[str, Any]) -> Path:
-    """Write ``benchmarks/results/<name>.json`` and say where."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Write ``benchmarks/results/<name>.json`` and say where. The environment variable
+    ``UNISEG_BENCH_RESULTS`` names another folder (the tests use it to keep the checkout clean)."""
+    folder = Path(os.environ.get("UNISEG_BENCH_RESULTS") or RESULTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    print(f"\nwrote {path.relative_to(ROOT)}")
+    print(f"\nwrote {path}")
     return path
 
 
@@ -343,29 +378,20 @@ def network_config(size: str) -> "UniSegConfig":
     full:    the released model's config (patch 64x192x192, 32..320 features; 1,523 GFLOP/window)
     small:   patch 32x96x96, 16..160 features (about 1/30 of the FLOPs; for quick runs)
     standin: patch 64x192x192, 2..16 features (full window size, almost no compute: for memory)
+    toy:     patch 16x64x64, 4..32 features (the smallest useful UniSeg; for --small and tests)
     """
     from unisegcli.models.uniseg import UniSegConfig
 
     full = UniSegConfig.default()
     if size == "full":
         return full
-    if size == "small":
-        return UniSegConfig(
-            patch_size=(32, 96, 96),
-            base_num_features=16,
-            max_num_features=160,
-            pool_op_kernel_sizes=full.pool_op_kernel_sizes,
-            conv_kernel_sizes=full.conv_kernel_sizes,
-        )
-    if size == "standin":
-        return UniSegConfig(
-            patch_size=full.patch_size,
-            base_num_features=2,
-            max_num_features=16,
-            pool_op_kernel_sizes=full.pool_op_kernel_sizes,
-            conv_kernel_sizes=full.conv_kernel_sizes,
-        )
-    raise ValueError(f"unknown network size {size!r}; expected full, small or standin")
+    # (patch, first features, most features); the released pooling and kernels
+    scaled = {"small": ((32, 96, 96), 16, 160), "standin": (full.patch_size, 2, 16), "toy": ((16, 64, 64), 4, 32)}
+    if size in scaled:
+        patch, base, most = scaled[size]
+        return UniSegConfig(patch_size=patch, base_num_features=base, max_num_features=most,
+                            pool_op_kernel_sizes=full.pool_op_kernel_sizes, conv_kernel_sizes=full.conv_kernel_sizes)
+    raise ValueError(f"unknown network size {size!r}; expected full, small, standin or toy")
 
 
 def random_network(config: "UniSegConfig", seed: int = 0) -> "UniSegNet":

@@ -16,11 +16,13 @@ nnU-Net v2 normalises first and blends logits.
 
     .venv/bin/python benchmarks/end_to_end.py             # small network, example CT + synthetic CT (~5 min)
     .venv/bin/python benchmarks/end_to_end.py --full      # the full-size network (~15 min on 2 cores)
+    .venv/bin/python benchmarks/end_to_end.py --small     # a toy UniSeg (16x64x64 patch), 48x48 of the example
+                                                          # CT + a 128x128x40 CT
     .venv/bin/python benchmarks/end_to_end.py --weights model.safetensors --model uniseg-demo --task liver
     .venv/bin/python benchmarks/end_to_end.py --full --original-network   # nnU-Net runs the network
                                                   # computed as the original code does (modules, NCDHW)
 
-Writes benchmarks/results/end_to_end[_full|_weights][_cuda].json.
+Writes benchmarks/results/end_to_end[_full|_weights|_small][_cuda].json; the headline is the last line.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 import common
 
 SYNTHETIC_SHAPE_ZYX = (100, 256, 256)
+SMALL_SYNTHETIC_SHAPE_ZYX = (40, 128, 128)
 SYNTHETIC_SPACING_ZYX = (2.5, 0.8, 0.8)
 
 
@@ -76,6 +79,8 @@ def stage_clock(stages: dict[str, float]) -> Iterator[None]:
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the full-size network (default: small)")
+    common.add_small(parser, "a toy UniSeg (16x64x64 patch, 4..32 features), the middle 48x48 voxels of the "
+                             "example CT and a 128x128x40 CT")
     parser.add_argument("--weights", type=Path, default=None,
                         help="model.safetensors (config.json beside it) instead of random weights")
     parser.add_argument("--model", default="uniseg", help="registry model whose task card is used")
@@ -100,7 +105,7 @@ def main() -> None:
         net = load_uniseg(args.weights)
         network = f"weights {args.weights.name}"
     else:
-        size = "full" if args.full else "small"
+        size = "full" if args.full else "toy" if args.small else "small"
         net = common.random_network(common.network_config(size))
         network = f"{size} (random weights)"
     # the layout `uniseg` uses on this device, set before either side runs (same object)
@@ -115,9 +120,10 @@ def main() -> None:
         tmp_dir = Path(tmp)
         inputs = args.inputs
         if not inputs:
-            synthetic = common.write_nifti(tmp_dir / "synthetic_ct.nii.gz",
-                                           common.synthetic_ct(SYNTHETIC_SHAPE_ZYX), SYNTHETIC_SPACING_ZYX)
-            inputs = [common.EXAMPLE_CT, synthetic]
+            shape = SMALL_SYNTHETIC_SHAPE_ZYX if args.small else SYNTHETIC_SHAPE_ZYX
+            synthetic = common.write_nifti(tmp_dir / "synthetic_ct.nii.gz", common.synthetic_ct(shape),
+                                           SYNTHETIC_SPACING_ZYX)
+            inputs = [example_crop(tmp_dir) if args.small else common.EXAMPLE_CT, synthetic]
         results = [
             run_input(path, tmp_dir, net, task, labels, clip, patch, args, device)
             for path in inputs
@@ -150,7 +156,7 @@ def main() -> None:
     met = worst >= target and agree >= 0.999
     print(f"end to end >= {target}x nnU-Net v2 with >= 99.9 % equal argmax: {common.verdict(met)} "
           f"(worst speedup {worst:.2f}x, worst agreement {100 * agree:.3f} %)")
-    variant = "full" if args.full else "weights" if args.weights else None
+    variant = "full" if args.full else "weights" if args.weights else "small" if args.small else None
     if args.original_network:
         variant = f"{variant}_original" if variant else "original"
     common.write_result(common.result_name("end_to_end", args, variant), {
@@ -162,6 +168,21 @@ def main() -> None:
         "targets": {f"end_to_end_at_least_{target}x_and_99.9pct_argmax": {
             "worst_speedup": worst, "worst_agreement": agree, "met": met}},
     })
+    common.headline("end_to_end", "; ".join(
+        f"{r['input']}: uniseg {r['median_s']['uniseg']:.2f} s vs nnU-Net {r['median_s']['nnU-Net v2']:.2f} s = "
+        f"{r['speedup_vs_nnunet']:.2f}x, equal voxels {100 * r['argmax_agreement']:.2f} % "
+        f"({100 * r['argmax_agreement_v2_semantics']:.2f} % in v2 order)" for r in results))
+
+
+def example_crop(folder: Path) -> Path:
+    """The middle 48x48 voxels (x, y) of the example CT, every slice (its affine kept)."""
+    import nibabel as nib
+
+    image = nib.load(str(common.EXAMPLE_CT))
+    x0, y0 = (image.shape[0] - 48) // 2, (image.shape[1] - 48) // 2
+    path = folder / "example_ct_crop.nii.gz"
+    nib.save(image.slicer[x0:x0 + 48, y0:y0 + 48, :], str(path))
+    return path
 
 
 def run_input(path: Path, tmp_dir: Path, net: Any, task: Any, labels: list[str], clip: Any,

@@ -12,11 +12,11 @@ the warm-up is excluded; medians of --repeat runs are reported. FLOPs come from
 (32 -> 32 channels, 3x3x3, one 64x192x192 window) measured in the same rotation.
 
     .venv/bin/python benchmarks/engine_vs_nnunet.py            # small network + one full-size window (~5 min)
-    .venv/bin/python benchmarks/engine_vs_nnunet.py --small    # small network only (~1 min)
+    .venv/bin/python benchmarks/engine_vs_nnunet.py --small    # small network, 3 windows (~1 min)
     .venv/bin/python benchmarks/engine_vs_nnunet.py --full     # full size: 160x256x256 and the example CT (~1 h on 2 cores)
     .venv/bin/python benchmarks/engine_vs_nnunet.py --device cuda --full
 
-Writes benchmarks/results/engine_vs_nnunet[_small|_full][_cuda].json.
+Writes benchmarks/results/engine_vs_nnunet[_small|_full][_cuda].json; the headline is the last line.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ class Case:
 
 
 SMALL = Case("small net, synthetic 64x160x160", "small", "synthetic", (64, 160, 160))
+TOY = Case("small net, synthetic 32x96x192 (3 windows)", "small", "synthetic", (32, 96, 192))
 ONE_WINDOW = Case("full net, synthetic 64x192x192 (1 window)", "full", "synthetic", (64, 192, 192))
 FULL_SYNTH = Case("full net, synthetic 160x256x256", "full", "synthetic", (160, 256, 256))
 FULL_EXAMPLE = Case("full net, example CT at 3x1.5x1.5 mm", "full", "example_ct")
-CASES = {"small": SMALL, "one-window": ONE_WINDOW, "synthetic160": FULL_SYNTH, "example": FULL_EXAMPLE}
+CASES = {"small": SMALL, "toy": TOY, "one-window": ONE_WINDOW, "synthetic160": FULL_SYNTH, "example": FULL_EXAMPLE}
 
 
 def load_volume(case: Case, device: Any) -> Any:
@@ -179,7 +180,7 @@ def run_case(case: Case, args: Any, device: Any, conv_run: Any, conv_flops: floa
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", action="store_true", help="only the small network (quick)")
+    common.add_small(size, "only the small network, on a 32x96x192 volume (3 windows)")
     size.add_argument("--full", action="store_true", help="full-size network on 160x256x256 and the example CT")
     parser.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch")
     parser.add_argument("--batch-size", type=int, default=None, help="our windows per forward (1 CPU, 4 GPU)")
@@ -190,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     device = common.setup(args)
     machine = common.machine_record(device)
-    cases = [SMALL] if args.small else [FULL_SYNTH, FULL_EXAMPLE] if args.full else [SMALL, ONE_WINDOW]
+    cases = [TOY] if args.small else [FULL_SYNTH, FULL_EXAMPLE] if args.full else [SMALL, ONE_WINDOW]
     if args.cases:
         cases = [CASES[name] for name in args.cases]
     conv_run, conv_flops = common.lone_conv(device)
@@ -246,6 +247,10 @@ def main() -> None:
         "cases": results,
         "targets": targets,
     })
+    common.headline("engine_vs_nnunet", "; ".join(
+        f"{r['case']}: ours {r['median_s']['uniseg engine']:.2f} s vs nnU-Net {r['median_s']['nnU-Net v2 predictor']:.2f} s"
+        f" = {r['speedup_vs_nnunet']:.2f}x, argmax equal {100 * r['argmax_agreement_vs_nnunet']:.2f} % "
+        f"({100 * r['argmax_agreement_vs_nnunet_where_w_ge_1e-3']:.2f} % where w >= 1e-3)" for r in results))
 
 
 if __name__ == "__main__":

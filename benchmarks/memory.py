@@ -29,8 +29,9 @@ the whole pipeline, 1 task (the 7 CT tasks) (16 windows, ~8 min on 2 cores at st
 memory).
 
     .venv/bin/python benchmarks/memory.py [--before] [--real] [--real-7] [--step 0.5]
+    .venv/bin/python benchmarks/memory.py --small   # a 256x256x160 CT: stand-in 1 and 7 tasks, one full window
 
-Writes benchmarks/results/memory[_real].json.
+Writes benchmarks/results/memory[_real|_small].json; the headline is the last line.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Any, Callable, Iterator
 import common
 
 SHAPE_ZYX = (400, 512, 512)
+SMALL_SHAPE_ZYX = (160, 256, 256)
 SPACING_ZYX = (1.0, 0.8, 0.8)
 TARGET_GB = 4.0
 CT_TASKS = ["liver", "kidney", "hepatic_vessel", "pancreas", "colon_tumor", "lung_tumor", "spleen"]
@@ -273,6 +275,8 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.5, help="window step (memory does not depend on it)")
     parser.add_argument("--before", action="store_true",
                         help="also measure the restore stage and network as they were before the memory work")
+    common.add_small(parser, f"a {SMALL_SHAPE_ZYX[2]}x{SMALL_SHAPE_ZYX[1]}x{SMALL_SHAPE_ZYX[0]} CT; stand-in 1 and "
+                             "7 tasks and one full-size window only")
     parser.add_argument("--child", default=None, help=argparse_hidden())
     parser.add_argument("--input", type=Path, default=None, help=argparse_hidden())
     args = parser.parse_args()
@@ -281,19 +285,20 @@ def main() -> None:
         return
     device = common.setup(args)
     machine = common.machine_record(device)
+    shape = SMALL_SHAPE_ZYX if args.small else SHAPE_ZYX
     with tempfile.TemporaryDirectory(prefix="uniseg-mem-in-") as tmp:
-        print(f"writing a synthetic {SHAPE_ZYX[2]}x{SHAPE_ZYX[1]}x{SHAPE_ZYX[0]} CT ...", flush=True)
-        volume = common.synthetic_ct(SHAPE_ZYX)
-        path = common.write_nifti(Path(tmp) / "ct512.nii.gz", volume, SPACING_ZYX)
-        lps_path = common.write_nifti(Path(tmp) / "ct512_lps.nii.gz", volume, SPACING_ZYX, lps=True)
+        print(f"writing a synthetic {shape[2]}x{shape[1]}x{shape[0]} CT ...", flush=True)
+        volume = common.synthetic_ct(shape)
+        path = common.write_nifti(Path(tmp) / "ct.nii.gz", volume, SPACING_ZYX)
+        lps_path = common.write_nifti(Path(tmp) / "ct_lps.nii.gz", volume, SPACING_ZYX, lps=True)
         del volume
-        runs = {
-            "standin, 1 task": measure("standin:1:organ", path, args),
-            "standin, 1 task, LPS file": measure("standin:1:organ", lps_path, args),
-            "standin, 7 tasks": measure("standin:7:organ", path, args),
-            "standin, 7 tasks, random masks": measure("standin:7:random", path, args),
-            "full, 1 window": measure("full:window", path, args),
-        }
+        runs = {"standin, 1 task": measure("standin:1:organ", path, args)}
+        if not args.small:
+            runs["standin, 1 task, LPS file"] = measure("standin:1:organ", lps_path, args)
+        runs["standin, 7 tasks"] = measure("standin:7:organ", path, args)
+        if not args.small:
+            runs["standin, 7 tasks, random masks"] = measure("standin:7:random", path, args)
+        runs["full, 1 window"] = measure("full:window", path, args)
         if args.before:
             runs["standin, 7 tasks, before"] = measure("standin:7:organ:before", path, args)
             runs["full, 1 window, before"] = measure("full:window:random:before", path, args)
@@ -316,12 +321,15 @@ def main() -> None:
           f"{100 * r['mean_foreground_fraction_per_structure']:.1f}" if "mean_foreground_fraction_per_structure" in r
           else "-", r["seconds"]]
          for name, r in runs.items()],
-        f"peak RSS in GB (overall and per stage), 512x512x400 CT at {SPACING_ZYX} mm (z, y, x), CPU",
+        f"peak RSS in GB (overall and per stage), {shape[2]}x{shape[1]}x{shape[0]} CT at {SPACING_ZYX} mm "
+        "(z, y, x), CPU",
     )
     print(f"full network's extra memory for one window: {window_extra / 1e9:.2f} GB")
-    lps_extra = runs["standin, 1 task, LPS file"]["peak_rss_bytes"] - base["peak_rss_bytes"]
-    print(f"an LPS-stored file adds {lps_extra / 1e9:.2f} GB (the reoriented copy beside nibabel's cached "
-          "float32 array)")
+    lps_extra = None
+    if "standin, 1 task, LPS file" in runs:
+        lps_extra = runs["standin, 1 task, LPS file"]["peak_rss_bytes"] - base["peak_rss_bytes"]
+        print(f"an LPS-stored file adds {lps_extra / 1e9:.2f} GB (the reoriented copy beside nibabel's cached "
+              "float32 array)")
     savings = {}
     if "standin, 7 tasks, before" in runs:
         old, new = runs["standin, 7 tasks, before"], runs["standin, 7 tasks"]
@@ -348,14 +356,16 @@ def main() -> None:
     met = one_task <= TARGET_GB * 1e9
     print(f"peak RSS, full network, 1 task ({'measured' if measured else 'estimated'}): {one_task / 1e9:.2f} GB "
           f"<= {TARGET_GB} GB: {common.verdict(met)}")
+    random_masks = runs.get("standin, 7 tasks, random masks", {}).get("peak_rss_bytes")
     print(f"7 tasks ({'measured' if seven_measured else 'estimated'} with the full network): "
-          f"{seven_full / 1e9:.2f} GB; with random-weight masks "
-          f"(~50 % foreground, worst case for statistics): "
-          f"{runs['standin, 7 tasks, random masks']['peak_rss_bytes'] / 1e9:.2f} GB")
-    common.write_result(common.result_name("memory", args, "real" if args.real or args.real_7 else None), {
+          f"{seven_full / 1e9:.2f} GB" + ("" if random_masks is None else "; with random-weight masks (~50 % "
+                                          f"foreground, worst case for statistics): {random_masks / 1e9:.2f} GB"))
+    variant = "real" if args.real or args.real_7 else "small" if args.small else None
+    grid = [round(n * s / t) for n, s, t in zip(shape, SPACING_ZYX, (3.0, 1.5, 1.5))]  # the CT tasks' spacing
+    common.write_result(common.result_name("memory", args, variant), {
         "machine": machine,
-        "settings": {"shape_zyx": SHAPE_ZYX, "spacing_zyx_mm": SPACING_ZYX, "step": args.step,
-                     "network_grid_zyx": [133, 273, 273], "outputs": "masks + statistics"},
+        "settings": {"shape_zyx": shape, "spacing_zyx_mm": SPACING_ZYX, "step": args.step,
+                     "network_grid_zyx": grid, "outputs": "masks + statistics"},
         "runs": runs,
         "full_network_window_extra_bytes": window_extra,
         "estimated_full_1task_peak_bytes": estimate,
@@ -363,8 +373,13 @@ def main() -> None:
         "lps_file_extra_bytes": lps_extra,
         "savings_vs_before": savings,
         "targets": {"peak_rss_at_most_4gb": {"full_1task_bytes": one_task, "measured": bool(measured),
-                                             "met": met}},
+                                             "met": met if shape == SHAPE_ZYX else None}},
     })
+    where = f"{shape[2]}x{shape[1]}x{shape[0]}"
+    common.headline("memory", f"peak RSS at {where}, full network: 1 task {one_task / 1e9:.2f} GB "
+                    f"({'measured' if measured else 'estimated'}), 7 tasks {seven_full / 1e9:.2f} GB "
+                    f"({'measured' if seven_measured else 'estimated'}); target <= {TARGET_GB} GB at 512x512x400: "
+                    + (common.verdict(met) if shape == SHAPE_ZYX else "not measured at this size"))
 
 
 def argparse_hidden() -> str:

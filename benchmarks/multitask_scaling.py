@@ -16,8 +16,9 @@ model loading).
     .venv/bin/python benchmarks/multitask_scaling.py           # small network (~4 min)
     .venv/bin/python benchmarks/multitask_scaling.py --full    # full-size network, one window (~40 min on 2 cores)
     .venv/bin/python benchmarks/multitask_scaling.py --full --ks 1 7 --no-record   # K = 1 and 7 only
+    .venv/bin/python benchmarks/multitask_scaling.py --small   # small network, one 32x96x96 window, K = 1, 2, 4, 7
 
-Writes benchmarks/results/multitask_scaling[_full][_cuda].json.
+Writes benchmarks/results/multitask_scaling[_full|_small][_cuda].json; the headline is the last line.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ NOMINAL_ENCODER_SHARE = 0.26  # the issue's full-size split
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="full-size network on one 64x192x192 window")
-    parser.add_argument("--ks", type=int, nargs="+", default=list(range(1, 8)),
-                        help="the K values to time (1..7; K=1 is always included)")
+    common.add_small(parser, "the small network on one 32x96x96 window (instead of three), K = 1, 2, 4, 7, "
+                             "the 7-task record run once")
+    parser.add_argument("--ks", type=int, nargs="+", default=None,
+                        help="the K values to time (default 1..7, with --small 1 2 4 7; K=1 is always included)")
     parser.add_argument("--no-record", action="store_true", help="skip the 7-in-one vs 7-separate record")
     args = parser.parse_args()
     device = common.setup(args)
@@ -48,14 +51,15 @@ def main() -> None:
     from unisegcli.inference.engine import Head, sliding_window
     from unisegcli.weights.resolver import get_model
 
-    ks = sorted({1, *(k for k in args.ks if 1 <= k <= len(CT_TASKS))})
+    wanted = args.ks or ([1, 2, 4, 7] if args.small else list(range(1, 8)))
+    ks = sorted({1, *(k for k in wanted if 1 <= k <= len(CT_TASKS))})
     tasks = list(get_model("uniseg").resolve_tasks(CT_TASKS))
     size = "full" if args.full else "small"
     config = common.network_config(size)
     net = common.random_network(config).to(device)
     patch = config.patch_size
-    # one window for the full size; three for the small network
-    shape = patch if args.full else (patch[0], patch[1], 2 * patch[2])
+    # one window for the full size and --small; three for the small network
+    shape = patch if args.full or args.small else (patch[0], patch[1], 2 * patch[2])
     hu = common.synthetic_ct(shape)
     volume = torch.from_numpy(((np.clip(hu, -325, 325) + 325) / 650).astype(np.float32))[None].to(device)
     batch = 4 if gpu else 1
@@ -86,7 +90,8 @@ def main() -> None:
 
     record = None
     if not args.no_record:
-        record = seven_tasks_record(net, tasks, shape, device, args.repeat, batch)
+        # --small: the record once (it costs more than all K timings together)
+        record = seven_tasks_record(net, tasks, shape, device, 1 if args.small else args.repeat, batch)
     common.finish_record(machine)
 
     print(f"\n{common.machine_line(machine)}")
@@ -100,7 +105,8 @@ def main() -> None:
     if record:
         print(f"\n7 CT tasks: one predict_case call {record['one_call_s']:.1f} s vs seven single-task calls "
               f"{record['seven_calls_s']:.1f} s: {record['speedup']:.2f}x faster in one call")
-    common.write_result(common.result_name("multitask_scaling", args, "full" if args.full else None), {
+    variant = "full" if args.full else "small" if args.small else None
+    common.write_result(common.result_name("multitask_scaling", args, variant), {
         "machine": machine,
         "settings": {"network": size, "volume_zyx": list(shape), "tasks": [t.name for t in tasks],
                      "encoder_share": share, "gflop_encoder": flops["encoder"] / 1e9,
@@ -110,6 +116,12 @@ def main() -> None:
         "seven_tasks_one_call_vs_seven_calls": record,
         "targets": {"k_tasks_at_most_1.05x_floor": {"worst_ratio_over_floor": worst, "met": worst <= 1.05}},
     })
+    seven = per_k[-1]
+    text = (f"K={seven['k']} tasks {seven['ratio_to_one_task']:.2f}x one task = {seven['ratio_over_floor']:.2f}x "
+            f"its floor; worst K {worst:.2f}x (target <= 1.05: {common.verdict(worst <= 1.05)})")
+    if record:
+        text += f"; 7 tasks in one call {record['speedup']:.2f}x faster than 7 calls"
+    common.headline("multitask_scaling", text)
 
 
 def seven_tasks_record(net: Any, tasks: list, shape: tuple, device: Any, repeat: int, batch: int) -> dict:

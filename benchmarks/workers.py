@@ -25,7 +25,6 @@ import numpy as np
 import common
 
 
-
 def make_cohort(folder: Path, count: int, size: int) -> list[Path]:
     """``count`` crops of the example CT (size x size x 16 voxels, shifted so no two are equal)."""
     import nibabel as nib
@@ -56,7 +55,7 @@ def run(cohort: Path, out: Path, workers: int | None) -> None:
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=12, help="cases in the cohort (default 12)")
-    parser.add_argument("--small", action="store_true", help="6 small cases, one run each (under 3 minutes)")
+    common.add_small(parser, "6 cases of 48x48x16 voxels, one run each")
     args = parser.parse_args()
     machine = common.machine_record(common.setup(args))
     count, size, repeat = (6, 48, 1) if args.small else (args.cases, 96, args.repeat)
@@ -77,8 +76,8 @@ def main() -> None:
     common.write_result(common.result_name("workers", args, "small" if args.small else None), {
         "machine": machine, "cases": count, "crop_voxels": [size, size, 16], "repeat": repeat,
         "seconds": times, "cases_per_hour": per_hour, "ratio": ratio})
-    print(f"workers: --workers 2 {per_hour['--workers 2']:.0f} vs 1 process {per_hour['1 process']:.0f} "
-          f"cases/hour = {ratio:.2f}x ({count} cases, {machine.get('cpus', '?')} cores)")
+    common.headline("workers", f"--workers 2 {per_hour['--workers 2']:.0f} vs 1 process {per_hour['1 process']:.0f} "
+                    f"cases/hour = {ratio:.2f}x ({count} cases, {machine.get('cpus', '?')} cores)")
 
 
 if __name__ == "__main__":
