@@ -129,6 +129,7 @@ class CaseResult:
     files: list[Path] = field(default_factory=list)  # every file written for the case
     worker: str | None = None  # "w1@cuda:1" when worker processes ran the batch
     flags: dict[str, list[str]] = field(default_factory=dict)  # structure -> QC flags raised (outputs.qc)
+    input_series: list[dict[str, Any]] = field(default_factory=list)  # DICOM series chosen from a study, and why
 
 
 @dataclass

@@ -2,8 +2,16 @@
 (``--output-type rtstruct``), both referencing the source series' instances.
 
 Masks arrive as bool [Z, Y, X] in internal order; they are turned back into the source's
-(i, j, k) = (column, row, slice) order with the scan's reorientation, so frame k of the
-output lies on source slice k (``DicomSource.datasets`` are in that order).
+(column, row, slice) order with the scan's reorientation and the row flip of the stored
+order undone, so frame k of the output lies on source slice k (``DicomSource.datasets`` are
+in that order).
+
+Both refuse, before any work (``check_dicom_output``), a source whose Study/Series/
+FrameOfReference/SOP Class/SOP Instance UIDs are empty or missing (anonymisers leave such
+series; highdicom would fail deep inside with a KeyError): a reference to an empty UID
+references nothing, and inventing UIDs would reference instances that do not exist.
+``io.dicom.repair_sop_uids`` first fills SOP Class/Instance UIDs from the same files' meta
+headers where those still hold them.
 
 - DICOM SEG: highdicom, BINARY, one segment per structure (empty frames omitted; an empty
   structure stays a segment without frames). Segment codes: SNOMED CT codes found in
@@ -21,11 +29,11 @@ patient); nothing of them is ever printed.
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from unisegcli.errors import UsageError
+from unisegcli.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -38,14 +46,26 @@ OUTPUT_FILE_NAMES = {"dicom-seg": "segmentation.dcm", "rtstruct": "rtstruct.dcm"
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 _STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # what RT systems expect in RTReferencedStudySequence
 _ALTERED_WORDS = ("tumor", "tumour", "lesion", "edema", "oedema", "metastasis", "cancer", "core")
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+    "StudyTime", "ReferringPhysicianName",
+)  # fmt: skip
 _COPIED_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
     "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
 )  # fmt: skip
 
 
+class DicomReferenceError(InputError):
+    """A DICOM output was asked for but the source series lacks the UIDs it must reference."""
+
+
+REFERENCED_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID", "SOPInstanceUID")
+
+
 def check_dicom_output(output_type: str, source: "DicomSource | None") -> None:
-    """Raise UsageError unless ``output_type`` can be written for this input."""
+    """Raise unless ``output_type`` can be written for this input; cheap, so callers run it
+    before any work (right after reading the case)."""
     if output_type not in DICOM_OUTPUT_TYPES:
         return
     if source is None:
@@ -54,16 +74,41 @@ def check_dicom_output(output_type: str, source: "DicomSource | None") -> None:
             "series); this input is NIfTI. Pass the DICOM series folder (or .zip), or use "
             "--output-type nifti."
         )
-    if source.multiframe:
+    if source.multiframe and output_type == "rtstruct":
         raise UsageError(
-            f"--output-type {output_type} is not supported for enhanced multi-frame inputs yet; "
-            "expected a classic one-file-per-slice series. Use --output-type nifti."
+            "--output-type rtstruct is not supported for enhanced multi-frame inputs yet; expected a "
+            "classic one-file-per-slice series. Use --output-type dicom-seg or nifti."
+        )
+    missing = missing_references(source.datasets)
+    if missing:
+        raise DicomReferenceError(
+            f"--output-type {output_type} references the source series by its UIDs, but the series in "
+            f"'{source.path}' has empty or missing {', '.join(missing)} (an anonymiser may have blanked "
+            "them); expected a series with its UIDs. Re-export it with UIDs kept or newly generated, or "
+            "use --output-type nifti."
         )
 
 
+def missing_references(datasets: Sequence["Dataset"]) -> list[str]:
+    """The UID attributes a SEG/RTSTRUCT must reference that are empty, missing or (instance
+    UIDs) repeated in ``datasets``, in words; [] when the series can be referenced."""
+    missing = []
+    for keyword in REFERENCED_KEYWORDS:
+        empty = sum(1 for ds in datasets if not str(ds.get(keyword, "") or "").strip())
+        if empty:
+            missing.append(keyword if empty == len(datasets) else f"{keyword} ({empty} of {len(datasets)} files)")
+    instances = [str(ds.get("SOPInstanceUID", "") or "").strip() for ds in datasets]
+    if all(instances) and len(set(instances)) < len(instances):
+        missing.append(f"unique SOPInstanceUID ({len(instances) - len(set(instances))} repeated)")
+    return missing
+
+
 def _frames(mask_zyx: np.ndarray, scan: "Scan") -> np.ndarray:
-    """bool [Z, Y, X] internal -> bool [k, j, i] = (slice, row, column) of the source series."""
-    mask_ijk = scan.reorientation.to_file(np.asarray(mask_zyx, dtype=bool))
+    """bool [Z, Y, X] internal -> bool [k, j, i] = (slice, row, column) of the source series.
+
+    The scan's stored order has the rows reversed (``io.dicom_series.flip_rows``): undone here.
+    """
+    mask_ijk = scan.reorientation.to_file(np.asarray(mask_zyx, dtype=bool))[:, ::-1]
     return np.transpose(mask_ijk, (2, 1, 0))
 
 
@@ -96,16 +141,14 @@ def dicom_seg_dataset(
     """A DICOM SEG (highdicom Segmentation) with one segment per structure, in masks' order."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     from unisegcli.version import __version__
-    from unisegcli.io.dicom_privacy import quiet_pydicom
 
     check_dicom_output("dicom-seg", source)
     names = list(masks_zyx)
     if not names:
         raise UsageError("no structures to write into the DICOM SEG; expected at least one.")
-    pixel_array = np.stack([_frames(masks_zyx[n], scan) for n in names], axis=-1)  # [k, j, i, S]
+    pixel_array = _seg_pixels(np.stack([_frames(masks_zyx[n], scan) for n in names], axis=-1), scan, source)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="uniseg", version=__version__, family=codes.DCM.ArtificialIntelligence
     )
@@ -124,24 +167,77 @@ def dicom_seg_dataset(
                 display_color=hd.color.CIELabColor.from_rgb(*color) if color else None,
             )
         )
-    with quiet_pydicom():
-        seg = hd.seg.Segmentation(
-            source_images=list(source.datasets),
-            pixel_array=pixel_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=generate_uid(),
-            series_number=901,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            manufacturer="uniseg",
-            manufacturer_model_name="uniseg",
-            software_versions=__version__,
-            device_serial_number="0",
-            content_label="UNISEG",
-        )
+    seg = _segmentation(source, pixel_array, descriptions)
     seg.SeriesDescription = series_description[:64]
     return seg
+
+
+def _with_type2_attributes(datasets: Sequence["Dataset"]) -> list["Dataset"]:
+    """The source headers, the first (whose patient/study modules the SEG copies) with the
+    Type 2 attributes highdicom reads added empty where the source lacks them (anonymised
+    exports drop PatientSex, StudyDate...; DICOM allows them empty). Inputs are untouched."""
+    import copy
+
+    first = datasets[0]
+    absent = [k for k in _TYPE2_PATIENT_STUDY if k not in first]
+    if not absent:
+        return list(datasets)
+    first = copy.deepcopy(first)
+    for keyword in absent:
+        setattr(first, keyword, "")
+    return [first, *datasets[1:]]
+
+
+def _segmentation(source: "DicomSource", pixel_array: Any, descriptions: list) -> "Dataset":
+    """highdicom's Segmentation of ``pixel_array``; a header it cannot use (an unknown SOP
+    class...) is a one-line input error, not a traceback."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    from unisegcli.io.dicom_privacy import Redactor, quiet_pydicom
+    from unisegcli.version import __version__
+
+    try:
+        with quiet_pydicom():
+            return hd.seg.Segmentation(
+                source_images=_with_type2_attributes(source.datasets),
+                pixel_array=pixel_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=generate_uid(),
+                series_number=901,
+                sop_instance_uid=generate_uid(),
+                instance_number=1,
+                manufacturer="uniseg",
+                manufacturer_model_name="uniseg",
+                software_versions=__version__,
+                device_serial_number="0",
+                content_label="UNISEG",
+            )
+    except (KeyError, AttributeError) as exc:  # header content highdicom cannot map
+        redact = Redactor.from_datasets(source.datasets[:1])
+        raise DicomReferenceError(redact(
+            f"cannot build a DICOM SEG referencing the series in '{source.path}' (highdicom: "
+            f"{type(exc).__name__}: {exc}); expected a standard CT/MR/PET image series (SOP class "
+            f"{source.datasets[0].get('SOPClassUID', '')}). Use --output-type nifti."
+        )) from None
+
+
+def _seg_pixels(frames_kjis: np.ndarray, scan: "Scan", source: "DicomSource") -> Any:
+    """bool [k, j, i, S] frames of the source as highdicom takes them: the array itself for
+    a classic series (frame k on source file k); for an enhanced multi-frame source, whose
+    frames highdicom's volume reader re-ordered, a highdicom Volume in patient space, so
+    highdicom places each frame by its position."""
+    if not source.multiframe:
+        return frames_kjis
+    import highdicom as hd
+
+    from unisegcli.io.dicom_series import LPS_TO_RAS, flip_rows
+
+    unflipped = flip_rows(np.zeros((1, frames_kjis.shape[1], 1)), np.asarray(scan.image.affine))[1]
+    lps_kji = (LPS_TO_RAS @ unflipped)[:, [2, 1, 0, 3]]  # LPS_TO_RAS is its own inverse
+    return hd.Volume(frames_kjis.astype(np.uint8), lps_kji, "PATIENT", source.frame_of_reference_uid,
+                     channels={"SegmentNumber": list(range(1, frames_kjis.shape[-1] + 1))})
 
 
 def _contours(mask_rc: np.ndarray) -> list[np.ndarray]:

@@ -1,0 +1,157 @@
+"""DICOM studies: choosing one series per channel from a folder of several (issue 23, item 1).
+
+Each rule of ``io.dicom_select`` is checked alone on listing facts, then on study folders the
+tests build (a few 16x16 slices): localizer + thick + thin + reformat + dose screenshot picks
+the thin axial series; ``--series`` overrides; no usable series is a one-line error; a CT+PET
+task takes one series per modality.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pydicom")  # the 'dicom' extra; CI installs it
+pytest.importorskip("highdicom")
+
+from dicom_build import make_series  # noqa: E402
+from unisegcli.errors import ChannelError  # noqa: E402
+from unisegcli.io.dicom import DicomSeriesError, read_dicom  # noqa: E402
+from unisegcli.io.dicom_select import exclusion, _rank  # noqa: E402
+from unisegcli.io.dicom_series import SeriesInfo  # noqa: E402
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+BASE = SeriesInfo(uid="1.1", description="AX 1mm", number=3, modality="CT", slice_count=300, subfolder=None,
+                  image_type="ORIGINAL\\PRIMARY\\AXIAL", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                  plane="axial", thickness_mm=1.0)
+
+
+@pytest.mark.parametrize(("change", "channel", "expected"), [
+    ({}, "ct", None),
+    ({"modality": "MR"}, "ct", "modality MR, expected CT"),
+    ({"modality": "PT"}, "pet", None),
+    ({"modality": "CT"}, "pet", "modality CT, expected PT"),
+    ({"modality": "SEG"}, None, "modality SEG is not an image"),
+    ({"image_type": "ORIGINAL\\PRIMARY\\LOCALIZER"}, "ct", "localizer"),
+    ({"description": "Topogram 0.6 T20f"}, "ct", "localizer"),
+    ({"sop_class_uid": SECONDARY_CAPTURE}, "ct", "secondary capture"),
+    ({"slice_count": 2}, "ct", "2 slice(s), expected at least 3"),
+    ({"has_geometry": False}, "ct", "no slice position/orientation"),
+])  # fmt: skip
+def test_each_exclusion_rule(change: dict, channel: str | None, expected: str | None) -> None:
+    assert exclusion(replace(BASE, **change), channel) == expected
+
+
+@pytest.mark.parametrize(("worse", "why"), [
+    ({"image_type": "DERIVED\\SECONDARY\\REFORMATTED", "slice_count": 900}, "derived before more slices"),
+    ({"plane": "coronal", "slice_count": 900}, "coronal before more slices"),
+    ({"slice_count": 60, "thickness_mm": 0.5}, "fewer slices before thinner ones"),
+    ({"thickness_mm": 2.0}, "thicker at the same count"),
+    ({"number": 4, "uid": "0.9"}, "higher series number"),
+])  # fmt: skip
+def test_each_preference_rule_in_order(worse: dict, why: str) -> None:
+    assert _rank(BASE) < _rank(replace(BASE, **worse)), why
+
+
+def _study(root: Path) -> dict[str, str]:
+    """A CT study: localizer, thick axial, thin axial, coronal reformat, dose screenshot."""
+    common = {"study_uid": "1.2.826.0.1.3680043.8.498.1", "frame_uid": "1.2.826.0.1.3680043.8.498.2"}
+    uids = {
+        "localizer": make_series(root / "1", shape=(16, 16, 1), number=1, description="Topogram",
+                                 image_type="ORIGINAL\\PRIMARY\\LOCALIZER", **common)[0],
+        "thick": make_series(root / "2", shape=(16, 16, 4), spacing_mm=(1, 1, 6.0), number=2,
+                             description="AX 6mm", **common)[0],
+        "thin": make_series(root / "3", shape=(16, 16, 12), spacing_mm=(1, 1, 2.0), number=5,
+                            description="AX 2mm", **common)[0],
+        "coronal": make_series(root / "4", shape=(16, 24, 16), orientation=(1, 0, 0, 0, 0, -1), number=4,
+                               description="COR MPR", image_type="DERIVED\\SECONDARY\\REFORMATTED", **common)[0],
+        "dose": make_series(root / "5", shape=(16, 16, 3), number=6, description="Dose report",
+                            sop_class=SECONDARY_CAPTURE, modality="CT", **common)[0],
+    }
+    return uids
+
+
+def test_study_folder_takes_the_thin_axial_series(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    uids = _study(tmp_path / "study")
+    scan, source = read_dicom(tmp_path / "study", channels=("ct",))
+    assert source.series_instance_uid == uids["thin"]
+    assert scan.file_shape == (16, 16, 12)
+    (choice,) = source.choices
+    assert choice.info.uid == uids["thin"] and choice.seen == 5 and choice.channel == "ct"
+    line = choice.line()
+    assert "\n" not in line and "'AX 2mm'" in line and "of 5 series" in line
+    assert "most slices (12; #2 has 4)" in line  # the rule that decided against the runner-up
+    assert "#1 (localizer)" in line and "#6 (secondary capture)" in line
+    record = choice.as_dict()
+    assert record["series_instance_uid"] == uids["thin"] and record["slices"] == 12
+    assert record["slice_spacing_mm"] == pytest.approx(2.0) and record["plane"] == "axial"
+    for text in (line, str(record), caplog.text):
+        assert "ZZSENTINEL" not in text and "SENTINELID77" not in text
+    # The choice does not depend on the task's channel being known.
+    assert read_dicom(tmp_path / "study")[1].series_instance_uid == uids["thin"]
+
+
+def test_series_option_overrides_the_rules(tmp_path: Path) -> None:
+    uids = _study(tmp_path / "study")
+    scan, source = read_dicom(tmp_path / "study", series_uid=uids["thick"], channels=("ct",))
+    assert source.series_instance_uid == uids["thick"] and scan.file_shape == (16, 16, 4)
+    assert source.choices == ()  # nothing was chosen: the user named the series
+
+
+def test_no_usable_series_is_one_line_listing_what_was_seen(tmp_path: Path) -> None:
+    root = tmp_path / "study"
+    scout = make_series(root / "1", shape=(16, 16, 2), number=1, description="Scout",
+                        image_type="ORIGINAL\\PRIMARY\\LOCALIZER")[0]
+    mr = make_series(root / "2", number=2, modality="MR", description="T2 AX")[0]
+    with pytest.raises(DicomSeriesError) as info:
+        read_dicom(root, channels=("ct",))
+    message = str(info.value)
+    assert "\n" not in message and "no usable DICOM series for channel 'ct' among 2" in message
+    assert f"{scout}: #1 'Scout' CT axial, 2 slice(s)" in message and "(localizer)" in message
+    assert f"{mr}: #2 'T2 AX' MR" in message and "(modality MR, expected CT)" in message
+    assert "--series UID" in message and "ZZSENTINEL" not in message
+    assert {s.uid for s in info.value.series} == {scout, mr}
+
+
+def test_ct_pet_task_takes_one_series_per_modality(tmp_path: Path) -> None:
+    root = tmp_path / "petct"
+    common = {"study_uid": "1.2.3.4", "frame_uid": "1.2.3.5"}
+    ct, ct_values = make_series(root / "ct", modality="CT", description="CT AC", number=2, **common)
+    pet, pet_values = make_series(root / "pet", modality="PT", description="PET AC", number=3,
+                                  values=np.flip(make_series(tmp_path / "scratch")[1], 0), **common)
+    make_series(root / "loc", modality="CT", description="Topogram", number=1, shape=(16, 16, 1), **common)
+    scan, source = read_dicom(root, channels=("ct", "pet"))
+    assert [c.info.uid for c in source.choices] == [ct, pet]
+    assert source.channel_names == ("ct", "pet") and source.series_instance_uid == ct
+    assert scan.data.shape[0] == 2
+    for channel, values in enumerate((ct_values, pet_values)):
+        stored = scan.reorientation.to_file(scan.data[channel])
+        np.testing.assert_array_equal(stored, values[:, ::-1].astype(np.float32))
+    # A PET on another grid is not silently resampled.
+    make_series(tmp_path / "other" / "ct", modality="CT", number=2)
+    make_series(tmp_path / "other" / "pet", modality="PT", number=3, spacing_mm=(2.0, 2.0, 3.0))
+    with pytest.raises(ChannelError, match="not on the grid"):
+        read_dicom(tmp_path / "other", channels=("ct", "pet"))
+    with pytest.raises(DicomSeriesError, match="for channel 'pet'"):
+        read_dicom(root / "ct", channels=("ct", "pet"))  # one CT series: no PET to take
+
+
+def test_predict_inputs_choose_series_by_channel(tmp_path: Path) -> None:
+    """``Segmenter.predict`` takes a study path (series per task channel) or a channel mapping."""
+    from unisegcli.io.cases import case_in_memory
+
+    root = tmp_path / "petct"
+    ct, ct_values = make_series(root / "ct", modality="CT", number=2)
+    pet, pet_values = make_series(root / "pet", modality="PT", number=3, values=make_series(tmp_path / "x")[1] * 2)
+    loaded = case_in_memory(root, channels=("ct", "pet"))
+    assert loaded.channel_names == ("ct", "pet") and loaded.scan.data.shape[0] == 2
+    loaded = case_in_memory({"pet": root, "ct": root})  # each part chooses for its own channel
+    assert loaded.channel_names == ("pet", "ct") and loaded.dicom.series_instance_uid == pet
+    for channel, values in enumerate((pet_values, ct_values)):
+        stored = loaded.scan.reorientation.to_file(loaded.scan.data[channel])
+        np.testing.assert_array_equal(stored, values[:, ::-1].astype(np.float32))
