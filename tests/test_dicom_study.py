@@ -52,6 +52,7 @@ def test_each_exclusion_rule(change: dict, channel: str | None, expected: str | 
     ({"slice_count": 60, "thickness_mm": 0.5}, "fewer slices before thinner ones"),
     ({"thickness_mm": 2.0}, "thicker at the same count"),
     ({"number": 4, "uid": "0.9"}, "higher series number"),
+    ({"modality": "PT", "attenuation_corrected": False, "slice_count": 900}, "PET without attenuation correction"),
 ])  # fmt: skip
 def test_each_preference_rule_in_order(worse: dict, why: str) -> None:
     assert _rank(BASE) < _rank(replace(BASE, **worse)), why
@@ -123,10 +124,14 @@ def test_ct_pet_task_takes_one_series_per_modality(tmp_path: Path) -> None:
     common = {"study_uid": "1.2.3.4", "frame_uid": "1.2.3.5"}
     ct, ct_values = make_series(root / "ct", modality="CT", description="CT AC", number=2, **common)
     pet, pet_values = make_series(root / "pet", modality="PT", description="PET AC", number=3,
-                                  values=np.flip(make_series(tmp_path / "scratch")[1], 0), **common)
+                                  values=np.flip(make_series(tmp_path / "scratch")[1], 0),
+                                  extra={"CorrectedImage": ["DECY", "ATTN"]}, **common)
+    make_series(root / "nac", modality="PT", description="PET NAC", number=1, extra={"CorrectedImage": ["DECY"]},
+                **common)
     make_series(root / "loc", modality="CT", description="Topogram", number=1, shape=(16, 16, 1), **common)
     scan, source = read_dicom(root, channels=("ct", "pet"))
     assert [c.info.uid for c in source.choices] == [ct, pet]
+    assert source.choices[1].reason.startswith("attenuation-corrected PET (#1 is not)")
     assert source.channel_names == ("ct", "pet") and source.series_instance_uid == ct
     assert scan.data.shape[0] == 2
     for channel, values in enumerate((ct_values, pet_values)):
@@ -155,3 +160,29 @@ def test_predict_inputs_choose_series_by_channel(tmp_path: Path) -> None:
     for channel, values in enumerate((pet_values, ct_values)):
         stored = loaded.scan.reorientation.to_file(loaded.scan.data[channel])
         np.testing.assert_array_equal(stored, values[:, ::-1].astype(np.float32))
+
+
+@pytest.mark.parametrize(("tags", "plane", "spacing"), [
+    ({"ImageOrientationPatient": ["0"] * 6, "SliceThickness": "2"}, None, None),
+    ({"ImageOrientationPatient": ["1", "0", "0", "0", "1e300", "0"]}, None, None),
+    ({"ImageOrientationPatient": ["1", "0", "0", "0", "0", "1"], "SliceThickness": "nan"}, "coronal", None),
+    ({"ImageOrientationPatient": ["0", "1", "0", "0", "0", "-1"], "SliceThickness": "1e400"}, "sagittal", None),
+    ({"ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"], "SliceThickness": "abc"}, "axial", None),
+    ({"ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"], "SliceThickness": "1.25"}, "axial", 1.25),
+])  # fmt: skip
+def test_garbled_geometry_tags_describe_without_failing(tags: dict, plane, spacing) -> None:
+    """Selection reads only headers and must survive any of them; its record is valid JSON."""
+    import json
+
+    from pydicom.dataset import Dataset
+
+    from unisegcli.io.dicom_select import SeriesChoice, describe_series
+
+    ds = Dataset()
+    ds.Modality, ds.SeriesNumber, ds.Rows, ds.Columns = "CT", 4, 8, 8
+    for keyword, value in tags.items():
+        ds.add_new(keyword, "LO", "\\".join(value) if isinstance(value, list) else value)
+    info = describe_series("1.2", [("a", ds), ("b", ds), ("c", ds)])
+    assert (info.plane, info.thickness_mm) == (plane, spacing)
+    assert info.has_geometry is False  # no ImagePositionPatient
+    json.dumps(SeriesChoice("ct", info, "r", 1).as_dict(), allow_nan=False)

@@ -19,8 +19,8 @@ geometry of the NIfTI path.
 
 Voxel order (what the NIfTI masks of a DICOM input are stored in): dcm2niix's, i.e.
 (i, j, k) = (column, row counted from the last row, slice along the normal row x column);
-see ``dicom_series.flip_rows`` and README "DICOM input". ``DicomSource.datasets`` are in
-that k order.
+see ``dicom_series.flip_rows`` and docs/dicom.md. ``DicomSource.datasets`` are in that k
+order.
 
 Privacy: patient fields (name, id, birth date, ...) never appear in logs or messages.
 Messages are built from geometry, UIDs and descriptions only; anything quoted from

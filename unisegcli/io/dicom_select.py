@@ -5,7 +5,7 @@ contrast phases, dose screenshots. When an input holds more than one series (and
 ``--series UID`` is given), one series per channel of the task is taken by these rules
 (README, "DICOM studies"):
 
-Exclusions: a series that fails one is never taken.
+Exclusions (rules 1-4): a series that fails one is never taken.
   1. modality: the series' Modality must fit the channel (``CHANNEL_MODALITIES``: "ct" -> CT,
      "pet" -> PT, MR channels -> MR); without a known channel, non-image modalities (SEG,
      RTSTRUCT, SR...) are excluded.
@@ -13,13 +13,14 @@ Exclusions: a series that fails one is never taken.
   3. secondary capture: a Secondary Capture SOP class (screenshots, dose reports).
   4. not a volume: fewer than ``MIN_SLICES`` slices, or no ImagePositionPatient /
      ImageOrientationPatient.
-Preferences, in this order, among the rest:
+Preferences (rules 5-10), in this order, among the rest:
   5. ORIGINAL/PRIMARY ImageType before DERIVED/SECONDARY (reformats, MIPs).
   6. axial (slice normal nearest the patient's foot-head axis) before coronal/sagittal.
-  7. most slices.
-  8. thinnest slices (spacing of the positions along the normal; SliceThickness when the
+  7. PET: attenuation-corrected (CorrectedImage holds ATTN) before uncorrected (NAC).
+  8. most slices.
+  9. thinnest slices (spacing of the positions along the normal; SliceThickness when the
      positions do not tell).
-  9. lowest SeriesNumber, then UID: the choice never depends on file order.
+ 10. lowest SeriesNumber, then UID: the choice never depends on file order.
 
 The same rules as dcm2niix's ``-i y`` (ignore derived, localizer and 2D images;
 rordenlab/dcm2niix console/nii_dicom_batch.cpp) and TotalSegmentator's advice to pass the
@@ -101,9 +102,11 @@ def _geometry(members: Members) -> tuple[str | None, float | None]:
     first = members[0][1]
     iop = _floats(first.get("ImageOrientationPatient") or _shared(first, "PlaneOrientationSequence",
                                                                     "ImageOrientationPatient") or (), 6)
-    if iop is None:
+    if iop is None or np.abs(iop).max() > 1.01:  # direction cosines; the reader says what is wrong
         return None, None
     normal = np.cross(iop[:3], iop[3:])
+    if np.linalg.norm(normal) < 1e-3:
+        return None, None
     plane = PLANES[int(np.argmax(np.abs(normal)))]
     positions = [_floats(ds.get("ImagePositionPatient") or (), 3) for _, ds in members]
     along = sorted(float(p @ normal) for p in positions if p is not None)
@@ -112,9 +115,10 @@ def _geometry(members: Members) -> tuple[str | None, float | None]:
         return plane, round(float(np.median(steps)), 4)
     thickness = first.get("SliceThickness") or _shared(first, "PixelMeasuresSequence", "SliceThickness")
     try:
-        return plane, round(float(thickness), 4) if thickness not in (None, "") else None
+        value = float(thickness) if thickness not in (None, "") else float("nan")
     except (TypeError, ValueError):
-        return plane, None
+        value = float("nan")
+    return plane, round(value, 4) if np.isfinite(value) and value > 0 else None  # JSON has no NaN
 
 
 def describe_series(uid: str, members: Members) -> SeriesInfo:
@@ -136,7 +140,15 @@ def describe_series(uid: str, members: Members) -> SeriesInfo:
         plane=plane,
         thickness_mm=spacing,
         has_geometry=plane is not None and (number_of_frames(first) > 1 or "ImagePositionPatient" in first),
+        attenuation_corrected=_attenuation_corrected(first),
     )
+
+
+def _attenuation_corrected(ds: "Dataset") -> bool | None:
+    if str(ds.get("Modality", "") or "").strip().upper() != "PT":
+        return None
+    corrected = ds.get("CorrectedImage") or ()
+    return "ATTN" in ([corrected] if isinstance(corrected, str) else [str(v).strip().upper() for v in corrected])
 
 
 def _series_number(ds: "Dataset") -> int | None:
@@ -171,14 +183,15 @@ def _is_original(info: SeriesInfo) -> bool:
 
 
 def _rank(info: SeriesInfo) -> tuple:
-    """Sort key of rules 5-9: smaller is better."""
+    """Sort key of rules 5-10: smaller is better."""
     thickness = info.thickness_mm if info.thickness_mm is not None else float("inf")
     number = info.number if info.number is not None else 1 << 31
-    return (not _is_original(info), info.plane != "axial", -info.slice_count, thickness, number, info.uid)
+    return (not _is_original(info), info.plane != "axial", info.attenuation_corrected is False, -info.slice_count,
+            thickness, number, info.uid)
 
 
 def _why(best: SeriesInfo, runner_up: SeriesInfo | None, usable: int) -> str:
-    """The first preference (rules 5-9) that puts ``best`` before the runner-up, in words."""
+    """The first preference (rules 5-10) that puts ``best`` before the runner-up, in words."""
     if runner_up is None:
         return "the only usable series"
     other = _name(runner_up)
@@ -186,6 +199,8 @@ def _why(best: SeriesInfo, runner_up: SeriesInfo | None, usable: int) -> str:
         return f"ORIGINAL/PRIMARY ({other} is {runner_up.image_type or 'derived'}), of {usable} usable"
     if (best.plane == "axial") != (runner_up.plane == "axial"):
         return f"axial ({other} is {runner_up.plane or 'of unknown plane'}), of {usable} usable"
+    if (best.attenuation_corrected is False) != (runner_up.attenuation_corrected is False):
+        return f"attenuation-corrected PET ({other} is not), of {usable} usable"
     if best.slice_count != runner_up.slice_count:
         return f"most slices ({best.slice_count}; {other} has {runner_up.slice_count}), of {usable} usable"
     if best.thickness_mm != runner_up.thickness_mm:
@@ -204,7 +219,7 @@ def _name(info: SeriesInfo) -> str:
 def choose_series(
     series: Mapping[str, Members], channels: Sequence[str | None], quote: Callable[[str], str],
 ) -> list[tuple[SeriesChoice, Members]]:  # fmt: skip
-    """One (choice, members) per channel by rules 1-9, in ``channels`` order.
+    """One (choice, members) per channel by rules 1-10, in ``channels`` order.
 
     quote: applied to every text taken from the headers (the caller's patient-data redactor).
     Raises NoUsableSeries, whose text lists every series seen and why it was excluded.

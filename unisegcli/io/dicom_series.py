@@ -57,6 +57,7 @@ class SeriesInfo:
     plane: str | None = None
     thickness_mm: float | None = None
     has_geometry: bool = True
+    attenuation_corrected: bool | None = None  # PET: CorrectedImage holds ATTN (None: not PET)
 
     def line(self) -> str:
         where = f", folder '{self.subfolder}'" if self.subfolder not in (None, ".") else ""
