@@ -261,8 +261,9 @@ def test_dicom_folder_without_usable_series(tmp_path: Path, threshold_net) -> No
     pytest.importorskip("pydicom")
     from dicom_build import make_series
 
-    make_series(tmp_path / "study" / "1", number=1, description="Scout", image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
-    make_series(tmp_path / "study" / "2", number=2, modality="MR", description="T2")
+    make_series(tmp_path / "study" / "1", number=1, description="Scout", image_type="ORIGINAL\\PRIMARY\\LOCALIZER",
+                study_uid="1.2.3")
+    make_series(tmp_path / "study" / "2", number=2, modality="MR", description="T2", study_uid="1.2.3")
     result = runner.invoke(app, [*scan_args(tmp_path / "study"), "-o", str(tmp_path / "out")])
     assert_one_line(result, ExitCode.INPUT, "no usable DICOM series for channel 'ct' among 2")
     assert "(localizer)" in result.stderr and "(modality MR, expected CT)" in result.stderr

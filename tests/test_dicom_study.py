@@ -186,3 +186,57 @@ def test_garbled_geometry_tags_describe_without_failing(tags: dict, plane, spaci
     assert (info.plane, info.thickness_mm) == (plane, spacing)
     assert info.has_geometry is False  # no ImagePositionPatient
     json.dumps(SeriesChoice("ct", info, "r", 1).as_dict(), allow_nan=False)
+
+
+def test_a_cohort_folder_gives_one_case_per_study(tmp_path: Path) -> None:
+    """cohort/<patient>/<study>/<series>: one case per study, ids unique, series chosen later."""
+    from unisegcli.io.discovery import discover
+
+    cohort = tmp_path / "cohort"
+    make_series(cohort / "p1" / "CT" / "thin", study_uid="1.1", number=2, shape=(16, 16, 8))
+    make_series(cohort / "p1" / "CT" / "scout", study_uid="1.1", number=1, shape=(16, 16, 1),
+                image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    make_series(cohort / "p2" / "CT" / "a", study_uid="2.1", number=2)  # p2 had two studies
+    make_series(cohort / "p2" / "CT2" / "a", study_uid="2.2", number=2)
+    make_series(cohort / "p3" / "series", study_uid="3.1", number=2)
+    (cohort / "p4").mkdir()  # a patient folder without images
+    (cohort / "notes.txt").write_text("not DICOM")
+    (cohort / "p3" / "loop").symlink_to(cohort, target_is_directory=True)  # never followed
+    cases = discover([cohort])
+    assert [(c.case_id, c.path.relative_to(cohort).as_posix(), c.dicom) for c in cases] == [
+        ("p1", "p1", True), ("p2_CT", "p2/CT", True), ("p2_CT2", "p2/CT2", True), ("p3", "p3", True)]
+    scan, source = read_dicom(cohort / "p1", channels=("ct",))
+    assert scan.file_shape == (16, 16, 8) and source.choices[0].seen == 2
+    # One study given directly stays one case, named after its folder.
+    assert [c.case_id for c in discover([cohort / "p1"])] == ["p1"]
+
+
+def test_cohort_of_studies_through_the_cli(tmp_path: Path, threshold_net) -> None:
+    """A batch of study folders runs: series chosen per study; a study with blank UIDs fails
+    alone, before its network work, with the attributes named."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from unisegcli.cli.app import app
+
+    cohort = tmp_path / "cohort"
+    thin = make_series(cohort / "p1" / "thin", study_uid="1.1", number=2, shape=(32, 32, 8))[0]
+    make_series(cohort / "p1" / "scout", study_uid="1.1", number=1, shape=(32, 32, 1),
+                image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    make_series(cohort / "p2" / "anon", shape=(32, 32, 6), blank=("StudyInstanceUID", "SOPClassUID"),
+                blank_meta=True)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [str(cohort), "-o", str(out), "--tasks", "liver", "--output-type", "dicom-seg",
+                                      "--json"])
+    assert result.exit_code == 6, result.output  # PARTIAL: p2 failed, p1 written
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    done = [e for e in events if e["event"] == "case_done"]
+    assert [e["case_id"] for e in done] == ["p1"] and done[0]["input_series"][0]["series_instance_uid"] == thin
+    assert (out / "p1" / "segmentation.dcm").is_file()
+    failed = [e for e in events if e["event"] == "case_failed"]
+    assert [e["case_id"] for e in failed] == ["p2"] and failed[0]["exit_code"] == 3
+    assert "StudyInstanceUID, SOPClassUID" in failed[0]["message"]
+    assert not (out / "p2").exists() or list((out / "p2").iterdir()) == []
+    statistics = json.loads((out / "p1" / "statistics.json").read_text())
+    assert statistics["input_series"][0]["reason"].startswith("the only usable series; excluded #1 (localizer)")
