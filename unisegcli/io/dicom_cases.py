@@ -16,11 +16,20 @@ from pathlib import Path
 _PROBE_FILES = 64  # files tried per folder for one with a DICOM preamble
 
 
-def _first_dicom_file(folder: Path) -> Path | None:
+def _entries(folder: Path) -> list[Path]:
+    """The folder's visible entries, sorted; none when it cannot be listed (no permission):
+    as ``Path.rglob`` does, such a folder is passed over."""
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _first_dicom_file(entries: list[Path]) -> Path | None:
     from unisegcli.io.dicom import _has_dicm_preamble
 
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.name.upper() != "DICOMDIR" and not p.name.lower().endswith((".nii", ".nii.gz")))
+    files = [p for p in entries if p.is_file() and p.name.upper() != "DICOMDIR"
+             and not p.name.lower().endswith((".nii", ".nii.gz"))]
     return next((p for p in files[:_PROBE_FILES] if _has_dicm_preamble(p)), None)
 
 
@@ -41,12 +50,13 @@ def _studies(folder: Path, found: dict[Path, set[str]], direct: set[Path]) -> se
     """Study UIDs below ``folder`` (recorded per folder in ``found``; folders that hold DICOM
     files themselves in ``direct``)."""
     studies: set[str] = set()
-    first = _first_dicom_file(folder)
+    entries = _entries(folder)
+    first = _first_dicom_file(entries)
     if first is not None:
         studies.add(_study_uid(first))
         direct.add(folder)
     # Links are not followed: a link loop would never end, and a case is a real folder.
-    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
+    for child in (p for p in entries if p.is_dir() and not p.is_symlink()):
         studies |= _studies(child, found, direct)
     found[folder] = studies
     return studies
