@@ -85,15 +85,18 @@ def test_compressed_series_read_seg_and_rtstruct(tmp_path: Path, syntax: str) ->
     np.testing.assert_allclose(points[:, :2].min(0) + points[:, :2].max(0), 2 * centre[:2], atol=1e-2)
 
 
-def test_enhanced_multiframe_ct_reads_and_writes_a_seg(tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize("syntax", [None, RLELossless], ids=["uncompressed", "rle"])
+def test_enhanced_multiframe_ct_reads_and_writes_a_seg(tmp_path: Path, caplog, syntax) -> None:
     caplog.set_level("CRITICAL")  # highdicom's conversion notes, not ours
     _, values = make_series(tmp_path / "classic", shape=(16, 16, 6))
     legacy = [pydicom.dcmread(p) for p in sorted((tmp_path / "classic").iterdir())]
     enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, generate_uid(), 7, generate_uid(), 1)
+    if syntax is not None:
+        enhanced.compress(syntax, generate_instance_uid=False)
     (tmp_path / "mf").mkdir()
     enhanced.save_as(tmp_path / "mf" / "enhanced.dcm", enforce_file_format=True)
     scan, source = read_dicom(tmp_path / "mf")
-    assert source.multiframe
+    assert source.multiframe and source.datasets[0].file_meta.TransferSyntaxUID == (syntax or enhanced.file_meta.TransferSyntaxUID)
     np.testing.assert_array_equal(scan.reorientation.to_file(scan.data[0]), values[:, ::-1].astype(np.float32))
     box = np.zeros(scan.data.shape[1:], bool)
     box[1:4, 2:6, 9:14] = True

@@ -240,3 +240,14 @@ def test_cohort_of_studies_through_the_cli(tmp_path: Path, threshold_net) -> Non
     assert not (out / "p2").exists() or list((out / "p2").iterdir()) == []
     statistics = json.loads((out / "p1" / "statistics.json").read_text())
     assert statistics["input_series"][0]["reason"].startswith("the only usable series; excluded #1 (localizer)")
+
+
+def test_the_choice_line_never_carries_patient_data(tmp_path: Path) -> None:
+    """Exports sometimes put the patient's name into descriptions: the line masks it."""
+    root = tmp_path / "study"
+    make_series(root / "a", study_uid="1.9", number=2, shape=(16, 16, 8), description="QQPRIVATE thin")
+    make_series(root / "b", study_uid="1.9", number=3, description="ZZSENTINEL thick")
+    _, source = read_dicom(root, channels=("ct",))
+    record = source.choices[0].as_dict()
+    for text in (source.choices[0].line(), str(record)):
+        assert "<redacted> thin" in text and "QQPRIVATE" not in text and "ZZSENTINEL" not in text
