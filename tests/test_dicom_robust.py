@@ -23,7 +23,7 @@ from pydicom.uid import (  # noqa: E402
 
 from dicom_build import gdcm_recompress, make_series  # noqa: E402
 from unisegcli.io.dicom import read_dicom  # noqa: E402
-from unisegcli.outputs.dicom_out import DicomReferenceError, check_dicom_output  # noqa: E402
+from unisegcli.outputs.dicom_out import DicomReferenceError  # noqa: E402
 from unisegcli.outputs.writer import OutputOptions, write_case_outputs  # noqa: E402
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -86,7 +86,7 @@ def test_compressed_series_read_seg_and_rtstruct(tmp_path: Path, syntax: str) ->
 
 
 @pytest.mark.parametrize("syntax", [None, RLELossless], ids=["uncompressed", "rle"])
-def test_enhanced_multiframe_ct_reads_and_writes_a_seg(tmp_path: Path, caplog, syntax) -> None:
+def test_enhanced_multiframe_ct_reads_and_writes_seg_and_rtstruct(tmp_path: Path, caplog, syntax) -> None:
     caplog.set_level("CRITICAL")  # highdicom's conversion notes, not ours
     _, values = make_series(tmp_path / "classic", shape=(16, 16, 6))
     legacy = [pydicom.dcmread(p) for p in sorted((tmp_path / "classic").iterdir())]
@@ -107,8 +107,22 @@ def test_enhanced_multiframe_ct_reads_and_writes_a_seg(tmp_path: Path, caplog, s
     seg = hd.seg.segread(out.dicom)
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
         enhanced.SOPInstanceUID
-    with pytest.raises(Exception, match="rtstruct is not supported for enhanced multi-frame"):
-        check_dicom_output("rtstruct", source)
+    rt = write_case_outputs(scan, masks, tmp_path / "rt", OutputOptions(output_type="rtstruct"),
+                            task_of={"liver": "t"}, dicom_source=source)
+    contours = pydicom.dcmread(rt.dicom).ROIContourSequence[0].ContourSequence
+    assert len(contours) == 3  # the box spans three slices, one contour each
+    normal = np.cross(*(np.array(enhanced.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+                                 .ImageOrientationPatient, float).reshape(2, 3)))
+    frame_positions = [np.array(f.PlanePositionSequence[0].ImagePositionPatient, float) @ normal
+                       for f in enhanced.PerFrameFunctionalGroupsSequence]
+    for contour in contours:  # each contour lies on the frame it references
+        ref = contour.ContourImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        points = np.array(contour.ContourData, float).reshape(-1, 3)
+        np.testing.assert_allclose(points @ normal, frame_positions[int(ref.ReferencedFrameNumber) - 1], atol=1e-2)
+    points = np.concatenate([np.array(c.ContourData, float).reshape(-1, 3) for c in contours])
+    centre = _world_centroid_lps(scan.reorientation.to_file(box), np.asarray(scan.image.affine))
+    np.testing.assert_allclose(points.min(0) + points.max(0), 2 * centre, atol=1e-2)
 
 
 BLANKED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")

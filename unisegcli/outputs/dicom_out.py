@@ -29,6 +29,7 @@ patient); nothing of them is ever printed.
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -73,11 +74,6 @@ def check_dicom_output(output_type: str, source: "DicomSource | None") -> None:
             f"--output-type {output_type} needs a DICOM input (the output references the source "
             "series); this input is NIfTI. Pass the DICOM series folder (or .zip), or use "
             "--output-type nifti."
-        )
-    if source.multiframe and output_type == "rtstruct":
-        raise UsageError(
-            "--output-type rtstruct is not supported for enhanced multi-frame inputs yet; expected a "
-            "classic one-file-per-slice series. Use --output-type dicom-seg or nifti."
         )
     missing = missing_references(source.datasets)
     if missing:
@@ -295,15 +291,10 @@ def rtstruct_dataset(
     ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.ContentDate, ds.ContentTime = ds.StructureSetDate, ds.StructureSetTime
 
-    def image_ref(slice_ds: "Dataset") -> Dataset:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = slice_ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = slice_ds.SOPInstanceUID
-        return ref
-
+    planes = _planes(scan, source)
     series_ref = Dataset()
     series_ref.SeriesInstanceUID = source.series_instance_uid
-    series_ref.ContourImageSequence = [image_ref(s) for s in source.datasets]
+    series_ref.ContourImageSequence = [plane.ref() for plane in planes]
     study_ref = Dataset()
     study_ref.ReferencedSOPClassUID = _STUDY_COMPONENT_SOP_CLASS
     study_ref.ReferencedSOPInstanceUID = source.study_instance_uid
@@ -324,7 +315,7 @@ def rtstruct_dataset(
         item = Dataset()
         item.ReferencedROINumber = number
         item.ROIDisplayColor = list((colors or {}).get(name, (255, 0, 0)))
-        slice_contours = _slice_contours(_frames(masks_zyx[name], scan), source, image_ref)
+        slice_contours = _slice_contours(_frames(masks_zyx[name], scan), planes)
         if slice_contours:  # an empty structure stays an ROI without contours (Type 3)
             item.ContourSequence = slice_contours
         contours.append(item)
@@ -340,25 +331,79 @@ def rtstruct_dataset(
     return ds
 
 
-def _slice_contours(frames_kji: np.ndarray, source: "DicomSource", image_ref) -> list["Dataset"]:
+@dataclass(frozen=True)
+class _Plane:
+    """Source slice k: where pixel (row 0, column 0) lies, the LPS mm step per column and per
+    row, and the instance (and frame, for a multi-frame source) that holds it."""
+
+    origin_lps: np.ndarray
+    column_step_lps: np.ndarray
+    row_step_lps: np.ndarray
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None = None
+
+    def ref(self) -> "Dataset":
+        from pydicom.dataset import Dataset
+
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = self.sop_class_uid
+        ref.ReferencedSOPInstanceUID = self.sop_instance_uid
+        if self.frame_number is not None:
+            ref.ReferencedFrameNumber = self.frame_number
+        return ref
+
+
+def _planes(scan: "Scan", source: "DicomSource") -> list[_Plane]:
+    """One _Plane per source slice k: from each file's header (DICOM C.7.6.2.1.1) for a classic
+    series; from the volume's geometry and the frames' positions for a multi-frame one."""
+    if source.multiframe:
+        return _multiframe_planes(scan, source)
+    planes = []
+    for ds in source.datasets:
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+        planes.append(_Plane(np.array([float(v) for v in ds.ImagePositionPatient]), iop[:3] * column_spacing,
+                             iop[3:] * row_spacing, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    return planes
+
+
+def _multiframe_planes(scan: "Scan", source: "DicomSource") -> list[_Plane]:
+    """Slice k of the stored order is the frame k-th along the normal (``read_multiframe``)."""
+    from unisegcli.io.dicom_series import LPS_TO_RAS, flip_rows
+
+    ds = source.datasets[0]
+    shape = scan.file_shape
+    lps = LPS_TO_RAS @ flip_rows(np.zeros((1, shape[1], 1)), np.asarray(scan.image.affine))[1]
+    normal = np.cross(lps[:3, 0], lps[:3, 1])
+    try:
+        positions = np.array([[float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+                              for item in ds.PerFrameFunctionalGroupsSequence])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        positions = np.zeros((0, 3))
+    if positions.shape != (shape[2], 3):
+        raise DicomReferenceError(
+            f"--output-type rtstruct needs one frame per slice in '{source.path}', found {len(positions)} frame "
+            f"positions for {shape[2]} slices; expected a single-volume enhanced image. Use --output-type dicom-seg."
+        )
+    order = np.argsort(positions @ normal, kind="stable")
+    return [_Plane((lps @ np.array([0.0, 0.0, k, 1.0]))[:3], lps[:3, 0], lps[:3, 1], str(ds.SOPClassUID),
+                   str(ds.SOPInstanceUID), int(order[k]) + 1) for k in range(shape[2])]
+
+
+def _slice_contours(frames_kji: np.ndarray, planes: Sequence[_Plane]) -> list["Dataset"]:
     """Contour items of one structure: LPS mm points on each source slice that holds it."""
     from pydicom.dataset import Dataset
 
     items = []
     for k in np.flatnonzero(frames_kji.any(axis=(1, 2))):
-        slice_ds = source.datasets[int(k)]
-        origin = np.array([float(v) for v in slice_ds.ImagePositionPatient])
-        iop = np.array([float(v) for v in slice_ds.ImageOrientationPatient])
-        row_spacing, column_spacing = (float(v) for v in slice_ds.PixelSpacing)
+        plane = planes[int(k)]
         for contour in _contours(frames_kji[k]):
-            # contour: (row, column) pixel coordinates; DICOM C.7.6.2.1.1 maps them to LPS mm.
-            points = (
-                origin[None, :]
-                + contour[:, 1:2] * column_spacing * iop[None, :3]
-                + contour[:, 0:1] * row_spacing * iop[None, 3:]
-            )
+            # contour: (row, column) pixel coordinates, mapped to LPS mm.
+            points = (plane.origin_lps[None, :] + contour[:, 1:2] * plane.column_step_lps[None, :]
+                      + contour[:, 0:1] * plane.row_step_lps[None, :])
             item = Dataset()
-            item.ContourImageSequence = [image_ref(slice_ds)]
+            item.ContourImageSequence = [plane.ref()]
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(points)
             item.ContourData = [f"{v:.3f}" for v in points.ravel()]
