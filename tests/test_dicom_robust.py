@@ -96,7 +96,8 @@ def test_enhanced_multiframe_ct_reads_and_writes_seg_and_rtstruct(tmp_path: Path
     (tmp_path / "mf").mkdir()
     enhanced.save_as(tmp_path / "mf" / "enhanced.dcm", enforce_file_format=True)
     scan, source = read_dicom(tmp_path / "mf")
-    assert source.multiframe and source.datasets[0].file_meta.TransferSyntaxUID == (syntax or enhanced.file_meta.TransferSyntaxUID)
+    assert source.multiframe
+    assert source.datasets[0].file_meta.TransferSyntaxUID == (syntax or enhanced.file_meta.TransferSyntaxUID)
     np.testing.assert_array_equal(scan.reorientation.to_file(scan.data[0]), values[:, ::-1].astype(np.float32))
     box = np.zeros(scan.data.shape[1:], bool)
     box[1:4, 2:6, 9:14] = True

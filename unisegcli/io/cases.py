@@ -57,7 +57,8 @@ def read_case(case: CaseInput, series_uid: str | None = None, channels: Sequence
     return LoadedCase(case, replace(first, data=data))
 
 
-def case_in_memory(image: Any, affine: Any = None, *, case_id: str = "case", channels: Sequence[str] = ()) -> LoadedCase:
+def case_in_memory(image: Any, affine: Any = None, *, case_id: str = "case",
+                   channels: Sequence[str] = ()) -> LoadedCase:
     """A LoadedCase from what ``Segmenter.predict`` takes: a path (NIfTI file, DICOM folder or
     .zip), a nibabel image, a numpy array [i, j, k] (or [i, j, k, C]) with its 4x4 ``affine``,
     or a mapping channel name -> any of these (multi-channel tasks; one grid for all).

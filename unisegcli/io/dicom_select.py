@@ -204,7 +204,8 @@ def _why(best: SeriesInfo, runner_up: SeriesInfo | None, usable: int) -> str:
     if best.slice_count != runner_up.slice_count:
         return f"most slices ({best.slice_count}; {other} has {runner_up.slice_count}), of {usable} usable"
     if best.thickness_mm != runner_up.thickness_mm:
-        return f"thinnest slices ({_mm(best.thickness_mm)}; {other} has {_mm(runner_up.thickness_mm)}), of {usable} usable"
+        return (f"thinnest slices ({_mm(best.thickness_mm)}; {other} has {_mm(runner_up.thickness_mm)}), "
+                f"of {usable} usable")
     return f"lowest series number/UID among {usable} equally good series"
 
 
