@@ -233,19 +233,58 @@ def dicom_ct(tmp_path: Path) -> Path:
     return save_nifti(tmp_path / "crop.nii.gz", crop, AFFINE)
 
 
-def test_dicom_folder_with_two_series(tmp_path: Path, dicom_ct: Path, threshold_net) -> None:
+def test_dicom_study_folder_takes_one_series_and_says_why(tmp_path: Path, dicom_ct: Path, threshold_net) -> None:
     from test_dicom import write_series
 
     folder = tmp_path / "study"
     folder.mkdir()
-    for name in ("a", "b"):  # two series, their files side by side in one folder
-        write_series(tmp_path / name, dicom_ct, description=f"AX {name}")
+    uids = {}
+    for name, skip in (("a", (7,)), ("b", ())):  # two series, their files side by side in one folder
+        uids[name] = write_series(tmp_path / name, dicom_ct, description=f"AX {name}", skip=skip)
         for file in (tmp_path / name).iterdir():
             file.rename(folder / f"{name}_{file.name}")
     result = runner.invoke(app, [*scan_args(folder), "-o", str(tmp_path / "out")])
-    assert_one_line(result, ExitCode.INPUT, "series")
-    assert "--series" in result.stderr
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "series:" in line]
+    assert len(lines) == 1 and f"took series {uids['b']}" in lines[0], result.stderr
+    assert "most slices (8; #3 has 7)" in lines[0] and "ZZSENTINEL" not in result.output
+    recorded = json.loads((tmp_path / "out" / "statistics.json").read_text())["input_series"]
+    assert [r["series_instance_uid"] for r in recorded] == [uids["b"]] and recorded[0]["channel"] == "ct"
+    result = runner.invoke(app, [*scan_args(folder), "-o", str(tmp_path / "out2"), "--json"])
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    done = next(e for e in events if e["event"] == "case_done")
+    assert done["input_series"][0]["series_instance_uid"] == uids["b"]
+    assert "most slices" in done["input_series"][0]["reason"]
+
+
+def test_dicom_folder_without_usable_series(tmp_path: Path, threshold_net) -> None:
+    pytest.importorskip("pydicom")
+    from dicom_build import make_series
+
+    make_series(tmp_path / "study" / "1", number=1, description="Scout", image_type="ORIGINAL\\PRIMARY\\LOCALIZER",
+                study_uid="1.2.3")
+    make_series(tmp_path / "study" / "2", number=2, modality="MR", description="T2", study_uid="1.2.3")
+    result = runner.invoke(app, [*scan_args(tmp_path / "study"), "-o", str(tmp_path / "out")])
+    assert_one_line(result, ExitCode.INPUT, "no usable DICOM series for channel 'ct' among 2")
+    assert "(localizer)" in result.stderr and "(modality MR, expected CT)" in result.stderr
     assert_no_partial_files(tmp_path / "out")
+
+
+@pytest.mark.parametrize("output_type", ["dicom-seg", "rtstruct"])
+def test_dicom_output_for_blank_uids_stops_before_any_work(tmp_path: Path, threshold_net, output_type: str) -> None:
+    pytest.importorskip("pydicom")
+    from dicom_build import make_series
+
+    blank = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    make_series(tmp_path / "anon", shape=(32, 32, 6), blank=blank, blank_meta=True)
+    result = runner.invoke(app, [*scan_args(tmp_path / "anon"), "-o", str(tmp_path / "out"),
+                                 "--output-type", output_type])
+    assert_one_line(result, ExitCode.INPUT, "StudyInstanceUID, SeriesInstanceUID, SOPClassUID, SOPInstanceUID")
+    assert "internal error" not in result.output and "KeyError" not in result.output
+    assert threshold_net.encode_calls == 0  # stopped before the network ran
+    assert_no_partial_files(tmp_path / "out")
+    result = runner.invoke(app, [*scan_args(tmp_path / "anon"), "-o", str(tmp_path / "nifti")])
+    assert result.exit_code == 0, result.output  # the same series segments fine to NIfTI
 
 
 def test_dicom_folder_with_missing_slices(tmp_path: Path, dicom_ct: Path, threshold_net) -> None:

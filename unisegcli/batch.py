@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from unisegcli.casework import Planned, one_case, record_failure
 from unisegcli.errors import InputNotFoundError, UnisegError
-from unisegcli.io.cases import LoadedCase, read_case, task_channels
+from unisegcli.io.cases import LoadedCase, dicom_channels, read_case, task_channels
 from unisegcli.io.discovery import CaseInput, discover
 from unisegcli.io.nifti import check_output_dir
 from unisegcli.io.sharding import parse_shard, select_shard
 from unisegcli.outputs import markers
+from unisegcli.outputs.dicom_out import check_dicom_output
 from unisegcli.results import Result
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ def run_batch(segmenter: "Segmenter", request: BatchRequest) -> Result:
     todo, blocked = _plan(segmenter, request, cases, all_cases=all_cases, single=single, result=result)
     first: LoadedCase | None = None
     if todo and single:  # read (and check the channels of) a single case before the weights load
-        first = read_case(todo[0].case, request.series_uid)
+        first = read_case(todo[0].case, request.series_uid, dicom_channels(segmenter.tasks))
+        check_dicom_output(segmenter.outputs.output_type, first.dicom)  # before the weights load
         for task in segmenter.tasks:
             task_channels(first, task)
     parallel = bool(request.workers) and len(todo) > 1
@@ -134,7 +136,9 @@ def _run_cases(segmenter: "Segmenter", todo: Sequence[Planned], first: LoadedCas
     events = segmenter.events
 
     def load(case: CaseInput) -> LoadedCase:
-        return first if first is not None and first.case == case else read_case(case, series_uid)
+        if first is not None and first.case == case:
+            return first
+        return read_case(case, series_uid, dicom_channels(segmenter.tasks))
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="uniseg-read") as pool:
         pending: Future[LoadedCase] = pool.submit(load, todo[0].case)

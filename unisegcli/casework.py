@@ -13,6 +13,7 @@ from unisegcli.io.atomic import remove_stale_staged_files
 from unisegcli.io.cases import LoadedCase
 from unisegcli.io.discovery import CaseInput
 from unisegcli.outputs import markers
+from unisegcli.outputs.dicom_out import check_dicom_output
 from unisegcli.results import CaseFailure, CaseResult, Result
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
     removed again: a case is complete with its marker, or absent.
     """
     started = time.perf_counter()
+    check_dicom_output(segmenter.outputs.output_type, loaded.dicom)  # before any work on the case
     folder = planned.folder
     previous = markers.written_files(folder)
     markers.clear_marker(folder)
@@ -62,6 +64,7 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
         files=list(written.files),
         flags={k: list(v) for k, v in (written.flagged or {}).items()},
         compare=dict(written.compare),
+        input_series=[c.as_dict() for c in loaded.dicom.choices] if loaded.dicom is not None else [],
     )
 
 

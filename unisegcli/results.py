@@ -141,6 +141,7 @@ class CaseResult:
     worker: str | None = None  # "w1@cuda:1" when worker processes ran the batch
     flags: dict[str, list[str]] = field(default_factory=dict)  # structure -> QC flags raised (outputs.qc)
     compare: dict[str, Any] = field(default_factory=dict)  # --compare: structure -> model pairs (Dice, volumes)
+    input_series: list[dict[str, Any]] = field(default_factory=list)  # DICOM series chosen from a study, and why
 
 
 @dataclass

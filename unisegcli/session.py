@@ -141,10 +141,10 @@ class Segmenter:
     def predict(self, image: Any, affine: Any = None, *, case_id: str = "case") -> Segmentation:
         """Segment one scan in memory: a path, a nibabel image, a numpy array [i, j, k] with its
         4x4 ``affine``, or a mapping channel -> any of these. Nothing is written."""
-        from unisegcli.io.cases import case_in_memory
+        from unisegcli.io.cases import case_in_memory, dicom_channels
 
         started = time.perf_counter()
-        loaded = case_in_memory(image, affine, case_id=case_id)
+        loaded = case_in_memory(image, affine, case_id=case_id, channels=dicom_channels(self.tasks))
         read_s = time.perf_counter() - started
         return self.segment_case(loaded, timings={"read": read_s})
 

@@ -113,7 +113,7 @@ def worker_main(config: "SessionConfig", spec: WorkerSpec, inbox: Any, results: 
     """A worker process: build the Segmenter once, then segment each case sent to ``inbox``
     until it receives None. Reports every step to ``results`` (its own pipe to the parent)."""
     import unisegcli.casework as casework
-    from unisegcli.io.cases import read_case
+    from unisegcli.io.cases import dicom_channels, read_case
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -129,7 +129,7 @@ def worker_main(config: "SessionConfig", spec: WorkerSpec, inbox: Any, results: 
         while (planned := inbox.get()) is not None:
             results.send(("started", spec.name, planned.case.case_id))
             try:
-                done = casework.one_case(segmenter, read_case(planned.case, series_uid), planned, cohort_folder)
+                done = casework.one_case(segmenter, read_case(planned.case, series_uid, dicom_channels(segmenter.tasks)), planned, cohort_folder)
             except UnisegError as exc:
                 results.send(("failed", spec.name, planned.case.case_id, type(exc).__name__, str(exc),
                               int(exc.exit_code)))

@@ -131,8 +131,14 @@ class RunReporter(Events):
                  outputs={k: str(v) for k, v in result.masks.items()},
                  files=[str(p) for p in result.files],
                  volumes_ml={k: round(v, 3) for k, v in result.volumes_ml.items()},
-                 seconds=round(result.seconds, 3), flags=result.flags, **_worker_fields(result.worker),
-                 **({"compare": result.compare} if result.compare else {}))
+                 seconds=round(result.seconds, 3), flags=result.flags, input_series=result.input_series,
+                 **_worker_fields(result.worker), **({"compare": result.compare} if result.compare else {}))
+        elif not console.state.quiet and result.input_series:  # which DICOM series was taken, and why
+            from rich.markup import escape
+
+            printer = self._progress.console if self._progress is not None else console.stderr()
+            for series in result.input_series:
+                printer.print(f"[cyan]series:[/] {escape(result.case_id)}: {escape(series['summary'])}", soft_wrap=True)
         if self._progress is not None:
             self._progress.advance(self._cases_task)
             if console.state.verbose:

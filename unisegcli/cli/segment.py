@@ -28,7 +28,8 @@ def segment_command(
     inputs: Annotated[
         Optional[list[Path]],
         typer.Argument(
-            help="Scans: .nii/.nii.gz files, folders of them (recursive), DICOM series folders or .zip, globs.",
+            help="Scans: .nii/.nii.gz files, folders of them (recursive), DICOM folders (one case per study) "
+                 "or .zip, globs.",
             show_default=False,
         ),
     ] = None,
@@ -56,7 +57,7 @@ def segment_command(
         "--channel", help="A channel file of a multi-channel case, as NAME=PATH (repeat: --channel t1=a.nii.gz "
         "--channel t2=b.nii.gz ...); names as in `uniseg tasks`.", rich_help_panel=INPUT)] = None,
     series: Annotated[Optional[str], typer.Option(
-        "--series", help="SeriesInstanceUID to use when a DICOM input holds several series.",
+        "--series", help="SeriesInstanceUID to take from a DICOM study (default: chosen by rules, see README).",
         rich_help_panel=INPUT)] = None,
     device: Annotated[str, typer.Option("--device", "-d", help=DEVICE_HELP, rich_help_panel=ENGINE)] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(

@@ -27,15 +27,26 @@ class LoadedCase:
 
     @property
     def channel_names(self) -> tuple[str, ...] | None:
+        if self.case.channel_names is None and self.dicom is not None and self.dicom.channel_names:
+            return self.dicom.channel_names  # series chosen per channel from a DICOM study
         return self.case.channel_names
 
 
-def read_case(case: CaseInput, series_uid: str | None = None) -> LoadedCase:
-    """Read every file of a case; channel files must share one grid (shape and affine)."""
+def dicom_channels(tasks: Sequence["TaskCard"]) -> tuple[str, ...]:
+    """The channels to choose DICOM series for: those of the task that takes the most."""
+    return max((tuple(t.channels) for t in tasks), key=len, default=())
+
+
+def read_case(case: CaseInput, series_uid: str | None = None, channels: Sequence[str] = ()) -> LoadedCase:
+    """Read every file of a case; channel files must share one grid (shape and affine).
+
+    channels: the task channels ("ct", "pet"...), used to choose one series per channel when
+    a DICOM input holds several (``io.dicom_select``); see ``dicom_channels``.
+    """
     if case.dicom:
         from unisegcli.io.dicom import read_dicom
 
-        scan, source = read_dicom(case.path, series_uid)
+        scan, source = read_dicom(case.path, series_uid, channels)
         return LoadedCase(case, scan, source)
     scans = [read_scan(p) for p in case.paths]
     first = scans[0]
@@ -46,12 +57,15 @@ def read_case(case: CaseInput, series_uid: str | None = None) -> LoadedCase:
     return LoadedCase(case, replace(first, data=data))
 
 
-def case_in_memory(image: Any, affine: Any = None, *, case_id: str = "case") -> LoadedCase:
+def case_in_memory(image: Any, affine: Any = None, *, case_id: str = "case",
+                   channels: Sequence[str] = ()) -> LoadedCase:
     """A LoadedCase from what ``Segmenter.predict`` takes: a path (NIfTI file, DICOM folder or
     .zip), a nibabel image, a numpy array [i, j, k] (or [i, j, k, C]) with its 4x4 ``affine``,
-    or a mapping channel name -> any of these (multi-channel tasks; one grid for all)."""
+    or a mapping channel name -> any of these (multi-channel tasks; one grid for all).
+    channels: the task channels, to choose series from a DICOM study (``read_case``)."""
     if isinstance(image, Mapping):
-        parts = {str(name).lower(): case_in_memory(value, affine, case_id=case_id) for name, value in image.items()}
+        parts = {str(name).lower(): case_in_memory(value, affine, case_id=case_id, channels=(str(name).lower(),))
+                 for name, value in image.items()}
         if not parts:
             raise ChannelError("no channel given; expected a mapping such as {'ct': ..., 'pet': ...}.")
         first = next(iter(parts.values()))
@@ -62,7 +76,8 @@ def case_in_memory(image: Any, affine: Any = None, *, case_id: str = "case") -> 
     if isinstance(image, (str, Path)):
         path = Path(image)
         dicom = path.is_dir() or path.suffix.lower() == ".zip"
-        return read_case(CaseInput(case_id if case_id != "case" else nifti_case_id(path), (path,), dicom=dicom))
+        cid = case_id if case_id != "case" else nifti_case_id(path)
+        return read_case(CaseInput(cid, (path,), dicom=dicom), channels=channels)
     import nibabel as nib
 
     label = Path(f"<{case_id}>")

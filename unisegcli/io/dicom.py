@@ -4,15 +4,23 @@ Needs the ``dicom`` extra (pydicom, highdicom and the pylibjpeg decoders for JPE
 JPEG lossless / JPEG-LS), imported lazily; without it a clear error says
 ``pip install 'unisegcli[dicom]'``.
 
+A study folder with several series: one is chosen per task channel by the documented rules
+of ``io.dicom_select`` (``--series UID`` overrides); the choice and why are kept in
+``DicomSource.choices`` for the run's events and statistics.
+
 Classic single-frame series (one file per slice: almost every CT/MR/PET export) are stacked
 here with pydicom: slices sorted along the slice normal, checked for one orientation, one
 size, and evenly spaced positions (a gap = missing slices is an error, never silently
-interpolated). Enhanced multi-frame files go through highdicom's volume reader. The stacked
-volume is written to a temporary NIfTI and read back with ``nifti.read_scan``, so a DICOM
-scan gets exactly the internal orientation, checks and geometry of the NIfTI path.
+interpolated). These checks (and their one-line, patient-data-free messages) are ours;
+highdicom's volume API would stack the same but raise its own messages, so it reads only
+enhanced multi-frame files. The stacked volume is written to a temporary NIfTI and read back
+with ``nifti.read_scan``, so a DICOM scan gets exactly the internal orientation, checks and
+geometry of the NIfTI path.
 
-The "file" voxel order of a DICOM scan is (i, j, k) = (column, row, slice index along the
-slice normal), the order viewers show; ``DicomSource.datasets`` are in that k order.
+Voxel order (what the NIfTI masks of a DICOM input are stored in): dcm2niix's, i.e.
+(i, j, k) = (column, row counted from the last row, slice along the normal row x column);
+see ``dicom_series.flip_rows`` and docs/dicom.md. ``DicomSource.datasets`` are in that k
+order.
 
 Privacy: patient fields (name, id, birth date, ...) never appear in logs or messages.
 Messages are built from geometry, UIDs and descriptions only; anything quoted from
@@ -26,7 +34,7 @@ import logging
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
@@ -42,12 +50,16 @@ from unisegcli.errors import (
 )
 from unisegcli.io.archive import extract_zip
 from unisegcli.io.dicom_privacy import Redactor, quiet_pydicom
+from unisegcli.io.dicom_select import NoUsableSeries, SeriesChoice, choose_series, describe_series
 from unisegcli.io.dicom_series import (  # noqa: F401  (the geometry errors are re-exported)
     DicomGeometryError,
     MissingSlicesError,
     SeriesInfo,
+    channel_volume,
+    flip_rows,
     number_of_frames,
     read_multiframe,
+    repair_sop_uids,
     rescale_value,
     sort_slices,
 )
@@ -89,7 +101,10 @@ class DicomSource:
     datasets: the series' headers (no pixel data) in the scan's k order; they hold patient
     data, so they are kept out of repr and must never be logged. file_names: the slice files
     relative to the series folder (or inside the .zip), same order. multiframe: the series
-    is one enhanced multi-frame file (DICOM outputs then are not supported).
+    is one enhanced multi-frame file. choices: how the series was chosen from a study, one
+    per channel (empty when the input held one series or ``--series`` named it);
+    channel_names: the channels of Scan.data when chosen by channel. repairs: what
+    ``repair_sop_uids`` filled in.
     """
 
     path: Path
@@ -100,6 +115,9 @@ class DicomSource:
     file_names: tuple[str, ...]
     datasets: tuple["Dataset", ...] = field(repr=False)
     multiframe: bool = False
+    choices: tuple[SeriesChoice, ...] = ()
+    channel_names: tuple[str, ...] | None = None
+    repairs: tuple[str, ...] = ()
 
 
 def require_pydicom() -> Any:
@@ -165,7 +183,7 @@ def _read_headers(folder: Path) -> tuple[list[tuple[str, "Dataset"]], int]:
             except Exception:  # truncated/corrupt files raise many types
                 unreadable += 1
                 continue
-            if "Rows" in ds and "Columns" in ds and "SeriesInstanceUID" in ds:
+            if "Rows" in ds and "Columns" in ds:  # a missing SeriesInstanceUID groups as ''
                 images.append((path.relative_to(folder).as_posix(), ds))
     return images, unreadable
 
@@ -173,55 +191,68 @@ def _read_headers(folder: Path) -> tuple[list[tuple[str, "Dataset"]], int]:
 def _series_table(images: list[tuple[str, "Dataset"]]) -> dict[str, list[tuple[str, "Dataset"]]]:
     series: dict[str, list[tuple[str, Dataset]]] = {}
     for name, ds in images:
-        series.setdefault(str(ds.SeriesInstanceUID), []).append((name, ds))
+        series.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append((name, ds))
     return series
 
 
-def _describe(uid: str, members: list[tuple[str, "Dataset"]]) -> SeriesInfo:
-    first = members[0][1]
-    folders = {str(PurePosixPath(name).parent) for name, _ in members}
-    frames = sum(number_of_frames(ds) for _, ds in members)
-    return SeriesInfo(
-        uid=uid,
-        description=str(getattr(first, "SeriesDescription", "") or "")[:64],
-        number=getattr(first, "SeriesNumber", None),
-        modality=str(getattr(first, "Modality", "") or ""),
-        slice_count=frames,
-        subfolder=folders.pop() if len(folders) == 1 else None,
-    )
-
-
 def _choose_series(
-    series: dict[str, list[tuple[str, "Dataset"]]], series_uid: str | None, path: Path, redact: Redactor
-) -> list[tuple[str, "Dataset"]]:
-    infos = sorted(
-        (_describe(uid, m) for uid, m in series.items()), key=lambda s: (s.number is None, s.number or 0, s.uid)
-    )
-    listing = "; ".join(redact(info.line()) for info in infos)  # one line: errors are one line
+    series: dict[str, list[tuple[str, "Dataset"]]], series_uid: str | None, path: Path, redact: Redactor,
+    channels: Sequence[str],
+) -> list[tuple[SeriesChoice | None, list[tuple[str, "Dataset"]]]]:  # fmt: skip
+    """(choice, members) per channel: ``--series`` first, the only series, else the rules of
+    ``io.dicom_select`` (one series per channel of a multi-channel task)."""
     if series_uid is not None:
         if series_uid not in series:
+            infos = sorted((describe_series(uid, m) for uid, m in series.items()),
+                           key=lambda s: (s.number is None, s.number or 0, s.uid))
+            listing = "; ".join(redact(info.line()) for info in infos)  # one line: errors are one line
             raise DicomSeriesError(
                 f"'{path}' has no series with SeriesInstanceUID '{series_uid}'; it holds "
                 f"{len(infos)} series: {listing}. Pass one of these UIDs.",
                 infos,
             )
-        return series[series_uid]
-    if len(series) > 1:
+        return [(None, series[series_uid])]
+    if len(series) == 1 and len(channels) < 2:
+        return [(None, next(iter(series.values())))]
+    try:
+        return list(choose_series(series, channels, redact))
+    except NoUsableSeries as exc:
+        wanted = f" for channel '{exc.channel}'" if exc.channel else ""
         raise DicomSeriesError(
-            f"'{path}' holds {len(infos)} DICOM series; expected one. Pass the folder of one series "
-            f"or choose one with --series UID: {listing}",
-            infos,
-        )
-    return next(iter(series.values()))
+            f"'{path}' holds no usable DICOM series{wanted} among {len(series)}: {exc.seen}. Pass a folder "
+            "with a cross-sectional series of the task's modality, or choose one with --series UID.",
+            [describe_series(uid, m) for uid, m in series.items()],
+        ) from None
 
 
-def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSource]:
-    """Read one DICOM series from a folder or a .zip into a ``Scan`` plus its ``DicomSource``.
+def _stack(folder: Path, members: list[tuple[str, "Dataset"]], path: Path, redact: Redactor,
+           unreadable: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, "Dataset"]], bool]:
+    """(volume, RAS affine, members in k order, multiframe) of one series, in the stored
+    voxel order of ``dicom_series.flip_rows`` (dcm2niix's)."""
+    if any(number_of_frames(ds) > 1 for _, ds in members):
+        volume_ijk, affine = read_multiframe(folder, members, path, redact)
+        multiframe = True
+    else:
+        members, affine = sort_slices(members, path, redact, unreadable)
+        volume_ijk = _read_slices(folder, members, path, redact)
+        multiframe = False
+    volume_ijk, affine = flip_rows(volume_ijk, affine)
+    return volume_ijk, affine, members, multiframe
 
-    series_uid picks one series when the input holds several (otherwise that is an error
-    listing them). Scan.data is float32 [C=1, Z, Y, X] internal RAS order with the modality
-    rescale (HU for CT) applied; Scan.path is the input path; Scan.image is an in-memory NIfTI
-    (no patient data in its header) to use as the output template.
+
+def read_dicom(
+    path: Path, series_uid: str | None = None, channels: Sequence[str] = ()
+) -> tuple[Scan, DicomSource]:
+    """Read one DICOM series (one per channel) from a folder or a .zip into a ``Scan`` plus
+    the ``DicomSource`` of the first channel's series.
+
+    series_uid picks the series (``--series``); otherwise a folder of one series is read as
+    it is, and a study of several is chosen from by ``io.dicom_select``'s rules, one series
+    per channel name in ``channels`` (task card channels: ("ct",), ("ct", "pet")). Several
+    channels must share one grid. Scan.data is float32 [C, Z, Y, X] internal RAS order with
+    the modality rescale (HU for CT) applied; Scan.path is the input path; Scan.image is an
+    in-memory NIfTI (no patient data in its header) in dcm2niix's voxel order
+    (``dicom_series.flip_rows``), to use as the output template.
     """
     require_pydicom()
     path = Path(path)
@@ -230,16 +261,7 @@ def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSo
     require_regular_file(path, "DICOM input")  # a FIFO would block the zip reader
     with tempfile.TemporaryDirectory(prefix="uniseg-dicom-") as tmp:
         tmp_dir = Path(tmp)
-        if path.is_file():
-            if not (path.suffix.lower() == ".zip" and zipfile.is_zipfile(path)):
-                raise ImageFormatError(
-                    f"'{path}' is neither a folder nor a .zip; expected a DICOM series folder or a "
-                    ".zip of one. Pass the folder holding the slice files."
-                )
-            folder = extract_zip(path, tmp_dir / "unpacked", error=DicomArchiveError, max_bytes=MAX_ARCHIVE_BYTES,
-                                 max_files=MAX_ARCHIVE_FILES, fix=ARCHIVE_FIX)
-        else:
-            folder = path
+        folder = _unpacked(path, tmp_dir)
         images, unreadable = _read_headers(folder)
         if not images:
             extra = f" ({unreadable} DICOM files could not be parsed)" if unreadable else ""
@@ -248,28 +270,41 @@ def read_dicom(path: Path, series_uid: str | None = None) -> tuple[Scan, DicomSo
                 "'DICM' at byte 128). Pass the folder that holds the slice files."
             )
         redact = Redactor.from_datasets([ds for _, ds in images])
-        members = _choose_series(_series_table(images), series_uid, path, redact)
-        if any(number_of_frames(ds) > 1 for _, ds in members):
-            volume_ijk, affine = read_multiframe(folder, members, path, redact)
-            multiframe = True
-        else:
-            members, affine = sort_slices(members, path, redact, unreadable)
-            volume_ijk = _read_slices(folder, members, path, redact)
-            multiframe = False
+        chosen = _choose_series(_series_table(images), series_uid, path, redact, channels)
+        stacks = [_stack(folder, members, path, redact, unreadable) for _, members in chosen]
+        volume_ijk, affine = channel_volume(stacks, [c for c, _ in chosen], path)
         scan = _to_scan(volume_ijk, affine, path, tmp_dir)
+    _, _, members, multiframe = stacks[0]
     first = members[0][1]
+    datasets = tuple(ds for _, ds in members)
     source = DicomSource(
         path=path,
-        series_instance_uid=str(first.SeriesInstanceUID),
-        study_instance_uid=str(getattr(first, "StudyInstanceUID", "")),
-        frame_of_reference_uid=str(first.FrameOfReferenceUID) if "FrameOfReferenceUID" in first else None,
+        series_instance_uid=str(first.get("SeriesInstanceUID", "") or ""),
+        study_instance_uid=str(first.get("StudyInstanceUID", "") or ""),
+        frame_of_reference_uid=str(first.FrameOfReferenceUID) if first.get("FrameOfReferenceUID") else None,
         modality=str(getattr(first, "Modality", "") or ""),
         file_names=tuple(name for name, _ in members),
-        datasets=tuple(ds for _, ds in members),
+        datasets=datasets,
         multiframe=multiframe,
+        choices=tuple(c for c, _ in chosen if c is not None),
+        channel_names=tuple(c.channel for c, _ in chosen if c is not None and c.channel) or None,
+        repairs=repair_sop_uids(datasets),
     )
     log.debug("read DICOM series: %d slices, shape %s", len(members), scan.file_shape)
     return scan, source
+
+
+def _unpacked(path: Path, tmp_dir: Path) -> Path:
+    """The folder to read: ``path`` itself, or a .zip unpacked (safely) into ``tmp_dir``."""
+    if not path.is_file():
+        return path
+    if not (path.suffix.lower() == ".zip" and zipfile.is_zipfile(path)):
+        raise ImageFormatError(
+            f"'{path}' is neither a folder nor a .zip; expected a DICOM series folder or a "
+            ".zip of one. Pass the folder holding the slice files."
+        )
+    return extract_zip(path, tmp_dir / "unpacked", error=DicomArchiveError, max_bytes=MAX_ARCHIVE_BYTES,
+                       max_files=MAX_ARCHIVE_FILES, fix=ARCHIVE_FIX)
 
 
 def _pixels(ds: "Dataset", name: str, path: Path, redact: Redactor) -> np.ndarray:

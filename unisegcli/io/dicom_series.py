@@ -1,7 +1,8 @@
 """What a DICOM series is made of: its listing line, its slice order and its voxel geometry.
 
 Single-frame series: pure numpy on pydicom headers (``sort_slices``). Enhanced multi-frame
-files: highdicom's volume reader (``read_multiframe``). Geometry follows the
+files: highdicom's volume reader (``read_multiframe``). ``flip_rows`` puts both in the
+stored (dcm2niix) voxel order. Geometry follows the
 DICOM standard (C.7.6.2): ImageOrientationPatient holds the row direction (along which the
 column index grows) then the column direction; PixelSpacing is (between rows, between
 columns); positions are LPS mm. Voxel order is (i, j, k) = (column, row, slice), slices
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from unisegcli.errors import ImageFormatError, ImageShapeError, ImageValueError
+from unisegcli.errors import ChannelError, ImageFormatError, ImageShapeError, ImageValueError
 from unisegcli.io.nifti_header import MAX_SPACING_MM, MIN_SPACING_MM
 
 if TYPE_CHECKING:
@@ -38,7 +39,12 @@ class MissingSlicesError(DicomGeometryError):
 
 @dataclass(frozen=True)
 class SeriesInfo:
-    """One series of an input, as listed to users choosing between several (no patient data)."""
+    """One series of an input, as listed to users choosing between several (no patient data).
+
+    image_type: ImageType values joined by "\\" ("ORIGINAL\\PRIMARY\\AXIAL"); plane: "axial",
+    "coronal" or "sagittal" by the slice normal (None without orientation); thickness_mm:
+    the spacing of the slices along the normal (SliceThickness when positions do not tell).
+    """
 
     uid: str
     description: str
@@ -46,13 +52,21 @@ class SeriesInfo:
     modality: str
     slice_count: int
     subfolder: str | None
+    image_type: str = ""
+    sop_class_uid: str = ""
+    plane: str | None = None
+    thickness_mm: float | None = None
+    has_geometry: bool = True
+    attenuation_corrected: bool | None = None  # PET: CorrectedImage holds ATTN (None: not PET)
 
     def line(self) -> str:
         where = f", folder '{self.subfolder}'" if self.subfolder not in (None, ".") else ""
         number = f"#{self.number} " if self.number is not None else ""
+        spacing = f", {self.thickness_mm:g} mm" if self.thickness_mm is not None else ""
+        plane = f" {self.plane}" if self.plane else ""
         return (
-            f"{self.uid}: {number}'{self.description}' {self.modality}, "
-            f"{self.slice_count} slice(s){where}"
+            f"{self.uid or '(no UID)'}: {number}'{self.description}' {self.modality}{plane}, "
+            f"{self.slice_count} slice(s){spacing}{where}"
         )
 
 
@@ -222,6 +236,58 @@ def sort_slices(
     return members, dicom_affine_ras(row_cos, col_cos, tuple(spacing), positions[0], slice_vector)  # type: ignore[arg-type]
 
 
+def flip_rows(volume_ijk: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored voxel order of a DICOM scan: dcm2niix's, rows reversed.
+
+    volume_ijk: [column, row, slice(, channel)] with ``affine_ras`` from those indices.
+    Returns [column, rows - 1 - row, slice(, channel)] (a view) and its affine: the same
+    world grid, so masks overlay array for array the NIfTI that dcm2niix (and dicom2nifti
+    for an axial series) writes. dcm2niix flips rows by default (``opts.isFlipY``,
+    ``nii_flipY``) and orders slices along the normal row x column (``nii_flipZ`` when
+    acquired the other way): rordenlab/dcm2niix console/nii_dicom_batch.cpp, nii_dicom.cpp.
+    dicom2nifti reorients to LAS (dicom2nifti/image_reorientation.py), the same order for an
+    axial series whose rows run to the patient's left and columns to posterior.
+    """
+    rows = volume_ijk.shape[1]
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1.0, rows - 1
+    return volume_ijk[:, ::-1], affine_ras @ flip
+
+
+def channel_volume(stacks: Sequence[tuple], choices: Sequence, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One series: its volume [i, j, k]; several (one per channel): [i, j, k, C] when they
+    share one grid, else a ChannelError naming both series."""
+    volume, affine = stacks[0][0], stacks[0][1]
+    if len(stacks) == 1:
+        return volume, affine
+    for (other, other_affine, _, _), choice in zip(stacks[1:], choices[1:]):
+        if other.shape != volume.shape or not np.allclose(other_affine, affine, atol=1e-3):
+            raise ChannelError(
+                f"in '{path}', the series for channel '{choice.channel}' ({choice.info.uid}, {other.shape}) "
+                f"is not on the grid of the series for channel '{choices[0].channel}' ({choices[0].info.uid}, "
+                f"{volume.shape}); expected all channels on one grid. Resample them to one grid and pass "
+                "NIfTI files with --channel NAME=PATH."
+            )
+    return np.stack([s[0] for s in stacks], axis=-1), affine
+
+
+def repair_sop_uids(datasets: Sequence["Dataset"]) -> tuple[str, ...]:
+    """Fill an empty or missing SOPClassUID / SOPInstanceUID from the same file's meta header
+    (MediaStorageSOPClassUID / MediaStorageSOPInstanceUID), as some anonymisers blank only
+    the data set; returns what was repaired (in words). Nothing is invented: without a meta
+    value the attribute stays empty and DICOM outputs refuse the series (dicom_out)."""
+    repaired: set[str] = set()
+    for ds in datasets:
+        meta = getattr(ds, "file_meta", None)
+        for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                      ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+            value = str(meta.get(meta_keyword, "") or "").strip() if meta is not None else ""
+            if not str(ds.get(keyword, "") or "").strip() and value:
+                setattr(ds, keyword, value)
+                repaired.add(f"{keyword} from the file meta's {meta_keyword}")
+    return tuple(sorted(repaired))
+
+
 def number_of_frames(ds: "Dataset") -> int:
     """NumberOfFrames (1 when absent); a garbled value is an ImageFormatError."""
     value = getattr(ds, "NumberOfFrames", 1)
@@ -287,5 +353,8 @@ def read_multiframe(
     lps = np.asarray(volume.affine, dtype=float)
     volume_ijk = np.ascontiguousarray(np.transpose(array, (2, 1, 0)))  # (column, row, slice)
     lps_ijk = lps[:, [2, 1, 0, 3]]
-    affine = LPS_TO_RAS @ lps_ijk
-    return volume_ijk, affine
+    if float(np.cross(lps_ijk[:3, 0], lps_ijk[:3, 1]) @ lps_ijk[:3, 2]) < 0:
+        # Slices along the normal row x column, as for single-frame series (sort_slices).
+        volume_ijk = volume_ijk[:, :, ::-1]
+        lps_ijk = lps_ijk @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, volume_ijk.shape[2] - 1], [0, 0, 0, 1.0]])
+    return volume_ijk, LPS_TO_RAS @ lps_ijk

@@ -1,15 +1,16 @@
 """Turn what the user typed into a sorted list of cases with unique ids.
 
-Sources: files, folders (searched recursively for .nii/.nii.gz files and DICOM series
-folders), shell globs (also when quoted), an input list (``--input-list FILE`` or ``-`` for
-stdin: one path per line, or a CSV with ``case_id,path`` and/or one column per channel name),
-and explicit channel files (``--channel t1=a.nii.gz``).
+Sources: files, folders (searched recursively for .nii/.nii.gz files and DICOM studies: one
+case per study, ``io.dicom_cases``), shell globs (also when quoted), an input list
+(``--input-list FILE`` or ``-`` for stdin: one path per line, or a CSV with ``case_id,path``
+and/or one column per channel name), and explicit channel files (``--channel t1=a.nii.gz``).
 
-Case ids are file names without .nii/.nii.gz (the folder name for DICOM series). nnU-Net
-style channel files ``case_0000.nii.gz, case_0001.nii.gz, ...`` form one multi-channel case
-``case`` when their count equals the number of channels the requested tasks need; otherwise
-each file is a case of its own (so a cohort numbered ``case_0000 ... case_0011`` is not
-mistaken for one 12-channel scan).
+Case ids are file names without .nii/.nii.gz (for DICOM, the study folder's path below the
+input folder with '/' as '_', or the input folder's name when it is the study). nnU-Net style channel files
+``case_0000.nii.gz, case_0001.nii.gz, ...`` form one multi-channel case ``case`` when their
+count equals the number of channels the requested tasks need; otherwise each file is a case
+of its own (so a cohort numbered ``case_0000 ... case_0011`` is not mistaken for one
+12-channel scan).
 """
 
 from __future__ import annotations
@@ -80,15 +81,10 @@ def _expand(raw: str | Path) -> list[Path]:
     return matches
 
 
-def _is_dicom(path: Path) -> bool:
-    from unisegcli.io.dicom import is_dicom_input
-
-    return is_dicom_input(path)
-
-
 def _scan_folder(folder: Path, raw: str | Path) -> tuple[list[Path], list[Path]]:
-    """NIfTI files and DICOM series folders below ``folder`` (hidden names skipped, and the
-    outputs of earlier uniseg runs: files listed in their folder's done marker)."""
+    """NIfTI files and DICOM study folders below ``folder`` (hidden names skipped, and the
+    outputs of earlier uniseg runs: files listed in their folder's done marker). A DICOM case
+    is a study: see ``io.dicom_cases``."""
     from unisegcli.outputs.markers import written_files
 
     nifti = sorted(
@@ -96,17 +92,22 @@ def _scan_folder(folder: Path, raw: str | Path) -> tuple[list[Path], list[Path]]
         if p.is_file() and is_nifti_name(p) and not p.name.startswith(".") and p.name not in written_files(p.parent)
     )
     dicom: list[Path] = []
-    if not nifti and _is_dicom(folder):
-        dicom = [folder]
-    elif not nifti:
-        dicom = sorted(d for d in folder.rglob("*") if d.is_dir() and _is_dicom(d) and not any(
-            c.is_dir() for c in d.iterdir()))
+    if not nifti:
+        from unisegcli.io.dicom_cases import study_folders
+
+        dicom = study_folders(folder)
     if not nifti and not dicom:
         raise InputNotFoundError(
             f"folder '{raw}' holds no .nii/.nii.gz scans or DICOM series; expected at least one. "
             "Pass the scan files or the folder that holds them."
         )
     return nifti, dicom
+
+
+def _study_ids(studies: list[Path], root: Path) -> list[str]:
+    from unisegcli.io.dicom_cases import case_ids
+
+    return case_ids(studies, root) if studies else []
 
 
 def _group_channel_files(files: Sequence[Path], channels_needed: int) -> list[CaseInput]:
@@ -235,9 +236,9 @@ def discover(
                 )
             require_regular_file(path)  # a FIFO, socket or device: refused before any open()
             if path.is_dir():
-                found, series = _scan_folder(path, raw)
+                found, studies = _scan_folder(path, raw)
                 nifti_files.extend(found)
-                cases.extend(CaseInput(d.name, (d,), dicom=True) for d in series)
+                cases.extend(CaseInput(cid, (d,), dicom=True) for cid, d in zip(_study_ids(studies, path), studies))
             elif path.suffix.lower() == ".zip":
                 cases.append(CaseInput(path.stem, (path,), dicom=True))
             else:

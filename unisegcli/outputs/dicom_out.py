@@ -2,8 +2,16 @@
 (``--output-type rtstruct``), both referencing the source series' instances.
 
 Masks arrive as bool [Z, Y, X] in internal order; they are turned back into the source's
-(i, j, k) = (column, row, slice) order with the scan's reorientation, so frame k of the
-output lies on source slice k (``DicomSource.datasets`` are in that order).
+(column, row, slice) order with the scan's reorientation and the row flip of the stored
+order undone, so frame k of the output lies on source slice k (``DicomSource.datasets`` are
+in that order).
+
+Both refuse, before any work (``check_dicom_output``), a source whose Study/Series/
+FrameOfReference/SOP Class/SOP Instance UIDs are empty or missing (anonymisers leave such
+series; highdicom would fail deep inside with a KeyError): a reference to an empty UID
+references nothing, and inventing UIDs would reference instances that do not exist.
+``io.dicom.repair_sop_uids`` first fills SOP Class/Instance UIDs from the same files' meta
+headers where those still hold them.
 
 - DICOM SEG: highdicom, BINARY, one segment per structure (empty frames omitted; an empty
   structure stays a segment without frames). Segment codes: SNOMED CT codes found in
@@ -21,11 +29,12 @@ patient); nothing of them is ever printed.
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from unisegcli.errors import UsageError
+from unisegcli.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -38,14 +47,26 @@ OUTPUT_FILE_NAMES = {"dicom-seg": "segmentation.dcm", "rtstruct": "rtstruct.dcm"
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 _STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # what RT systems expect in RTReferencedStudySequence
 _ALTERED_WORDS = ("tumor", "tumour", "lesion", "edema", "oedema", "metastasis", "cancer", "core")
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+    "StudyTime", "ReferringPhysicianName",
+)  # fmt: skip
 _COPIED_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
     "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
 )  # fmt: skip
 
 
+class DicomReferenceError(InputError):
+    """A DICOM output was asked for but the source series lacks the UIDs it must reference."""
+
+
+REFERENCED_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID", "SOPInstanceUID")
+
+
 def check_dicom_output(output_type: str, source: "DicomSource | None") -> None:
-    """Raise UsageError unless ``output_type`` can be written for this input."""
+    """Raise unless ``output_type`` can be written for this input; cheap, so callers run it
+    before any work (right after reading the case)."""
     if output_type not in DICOM_OUTPUT_TYPES:
         return
     if source is None:
@@ -54,16 +75,36 @@ def check_dicom_output(output_type: str, source: "DicomSource | None") -> None:
             "series); this input is NIfTI. Pass the DICOM series folder (or .zip), or use "
             "--output-type nifti."
         )
-    if source.multiframe:
-        raise UsageError(
-            f"--output-type {output_type} is not supported for enhanced multi-frame inputs yet; "
-            "expected a classic one-file-per-slice series. Use --output-type nifti."
+    missing = missing_references(source.datasets)
+    if missing:
+        raise DicomReferenceError(
+            f"--output-type {output_type} references the source series by its UIDs, but the series in "
+            f"'{source.path}' has empty or missing {', '.join(missing)} (an anonymiser may have blanked "
+            "them); expected a series with its UIDs. Re-export it with UIDs kept or newly generated, or "
+            "use --output-type nifti."
         )
 
 
+def missing_references(datasets: Sequence["Dataset"]) -> list[str]:
+    """The UID attributes a SEG/RTSTRUCT must reference that are empty, missing or (instance
+    UIDs) repeated in ``datasets``, in words; [] when the series can be referenced."""
+    missing = []
+    for keyword in REFERENCED_KEYWORDS:
+        empty = sum(1 for ds in datasets if not str(ds.get(keyword, "") or "").strip())
+        if empty:
+            missing.append(keyword if empty == len(datasets) else f"{keyword} ({empty} of {len(datasets)} files)")
+    instances = [str(ds.get("SOPInstanceUID", "") or "").strip() for ds in datasets]
+    if all(instances) and len(set(instances)) < len(instances):
+        missing.append(f"unique SOPInstanceUID ({len(instances) - len(set(instances))} repeated)")
+    return missing
+
+
 def _frames(mask_zyx: np.ndarray, scan: "Scan") -> np.ndarray:
-    """bool [Z, Y, X] internal -> bool [k, j, i] = (slice, row, column) of the source series."""
-    mask_ijk = scan.reorientation.to_file(np.asarray(mask_zyx, dtype=bool))
+    """bool [Z, Y, X] internal -> bool [k, j, i] = (slice, row, column) of the source series.
+
+    The scan's stored order has the rows reversed (``io.dicom_series.flip_rows``): undone here.
+    """
+    mask_ijk = scan.reorientation.to_file(np.asarray(mask_zyx, dtype=bool))[:, ::-1]
     return np.transpose(mask_ijk, (2, 1, 0))
 
 
@@ -96,16 +137,14 @@ def dicom_seg_dataset(
     """A DICOM SEG (highdicom Segmentation) with one segment per structure, in masks' order."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     from unisegcli.version import __version__
-    from unisegcli.io.dicom_privacy import quiet_pydicom
 
     check_dicom_output("dicom-seg", source)
     names = list(masks_zyx)
     if not names:
         raise UsageError("no structures to write into the DICOM SEG; expected at least one.")
-    pixel_array = np.stack([_frames(masks_zyx[n], scan) for n in names], axis=-1)  # [k, j, i, S]
+    pixel_array = _seg_pixels(np.stack([_frames(masks_zyx[n], scan) for n in names], axis=-1), scan, source)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="uniseg", version=__version__, family=codes.DCM.ArtificialIntelligence
     )
@@ -124,24 +163,77 @@ def dicom_seg_dataset(
                 display_color=hd.color.CIELabColor.from_rgb(*color) if color else None,
             )
         )
-    with quiet_pydicom():
-        seg = hd.seg.Segmentation(
-            source_images=list(source.datasets),
-            pixel_array=pixel_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=generate_uid(),
-            series_number=901,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            manufacturer="uniseg",
-            manufacturer_model_name="uniseg",
-            software_versions=__version__,
-            device_serial_number="0",
-            content_label="UNISEG",
-        )
+    seg = _segmentation(source, pixel_array, descriptions)
     seg.SeriesDescription = series_description[:64]
     return seg
+
+
+def _with_type2_attributes(datasets: Sequence["Dataset"]) -> list["Dataset"]:
+    """The source headers, the first (whose patient/study modules the SEG copies) with the
+    Type 2 attributes highdicom reads added empty where the source lacks them (anonymised
+    exports drop PatientSex, StudyDate...; DICOM allows them empty). Inputs are untouched."""
+    import copy
+
+    first = datasets[0]
+    absent = [k for k in _TYPE2_PATIENT_STUDY if k not in first]
+    if not absent:
+        return list(datasets)
+    first = copy.deepcopy(first)
+    for keyword in absent:
+        setattr(first, keyword, "")
+    return [first, *datasets[1:]]
+
+
+def _segmentation(source: "DicomSource", pixel_array: Any, descriptions: list) -> "Dataset":
+    """highdicom's Segmentation of ``pixel_array``; a header it cannot use (an unknown SOP
+    class...) is a one-line input error, not a traceback."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    from unisegcli.io.dicom_privacy import Redactor, quiet_pydicom
+    from unisegcli.version import __version__
+
+    try:
+        with quiet_pydicom():
+            return hd.seg.Segmentation(
+                source_images=_with_type2_attributes(source.datasets),
+                pixel_array=pixel_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=generate_uid(),
+                series_number=901,
+                sop_instance_uid=generate_uid(),
+                instance_number=1,
+                manufacturer="uniseg",
+                manufacturer_model_name="uniseg",
+                software_versions=__version__,
+                device_serial_number="0",
+                content_label="UNISEG",
+            )
+    except (KeyError, AttributeError) as exc:  # header content highdicom cannot map
+        redact = Redactor.from_datasets(source.datasets[:1])
+        raise DicomReferenceError(redact(
+            f"cannot build a DICOM SEG referencing the series in '{source.path}' (highdicom: "
+            f"{type(exc).__name__}: {exc}); expected a standard CT/MR/PET image series (SOP class "
+            f"{source.datasets[0].get('SOPClassUID', '')}). Use --output-type nifti."
+        )) from None
+
+
+def _seg_pixels(frames_kjis: np.ndarray, scan: "Scan", source: "DicomSource") -> Any:
+    """bool [k, j, i, S] frames of the source as highdicom takes them: the array itself for
+    a classic series (frame k on source file k); for an enhanced multi-frame source, whose
+    frames highdicom's volume reader re-ordered, a highdicom Volume in patient space, so
+    highdicom places each frame by its position."""
+    if not source.multiframe:
+        return frames_kjis
+    import highdicom as hd
+
+    from unisegcli.io.dicom_series import LPS_TO_RAS, flip_rows
+
+    unflipped = flip_rows(np.zeros((1, frames_kjis.shape[1], 1)), np.asarray(scan.image.affine))[1]
+    lps_kji = (LPS_TO_RAS @ unflipped)[:, [2, 1, 0, 3]]  # LPS_TO_RAS is its own inverse
+    return hd.Volume(frames_kjis.astype(np.uint8), lps_kji, "PATIENT", source.frame_of_reference_uid,
+                     channels={"SegmentNumber": list(range(1, frames_kjis.shape[-1] + 1))})
 
 
 def _contours(mask_rc: np.ndarray) -> list[np.ndarray]:
@@ -199,15 +291,10 @@ def rtstruct_dataset(
     ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.ContentDate, ds.ContentTime = ds.StructureSetDate, ds.StructureSetTime
 
-    def image_ref(slice_ds: "Dataset") -> Dataset:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = slice_ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = slice_ds.SOPInstanceUID
-        return ref
-
+    planes = _planes(scan, source)
     series_ref = Dataset()
     series_ref.SeriesInstanceUID = source.series_instance_uid
-    series_ref.ContourImageSequence = [image_ref(s) for s in source.datasets]
+    series_ref.ContourImageSequence = [plane.ref() for plane in planes]
     study_ref = Dataset()
     study_ref.ReferencedSOPClassUID = _STUDY_COMPONENT_SOP_CLASS
     study_ref.ReferencedSOPInstanceUID = source.study_instance_uid
@@ -228,7 +315,7 @@ def rtstruct_dataset(
         item = Dataset()
         item.ReferencedROINumber = number
         item.ROIDisplayColor = list((colors or {}).get(name, (255, 0, 0)))
-        slice_contours = _slice_contours(_frames(masks_zyx[name], scan), source, image_ref)
+        slice_contours = _slice_contours(_frames(masks_zyx[name], scan), planes)
         if slice_contours:  # an empty structure stays an ROI without contours (Type 3)
             item.ContourSequence = slice_contours
         contours.append(item)
@@ -244,25 +331,79 @@ def rtstruct_dataset(
     return ds
 
 
-def _slice_contours(frames_kji: np.ndarray, source: "DicomSource", image_ref) -> list["Dataset"]:
+@dataclass(frozen=True)
+class _Plane:
+    """Source slice k: where pixel (row 0, column 0) lies, the LPS mm step per column and per
+    row, and the instance (and frame, for a multi-frame source) that holds it."""
+
+    origin_lps: np.ndarray
+    column_step_lps: np.ndarray
+    row_step_lps: np.ndarray
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None = None
+
+    def ref(self) -> "Dataset":
+        from pydicom.dataset import Dataset
+
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = self.sop_class_uid
+        ref.ReferencedSOPInstanceUID = self.sop_instance_uid
+        if self.frame_number is not None:
+            ref.ReferencedFrameNumber = self.frame_number
+        return ref
+
+
+def _planes(scan: "Scan", source: "DicomSource") -> list[_Plane]:
+    """One _Plane per source slice k: from each file's header (DICOM C.7.6.2.1.1) for a classic
+    series; from the volume's geometry and the frames' positions for a multi-frame one."""
+    if source.multiframe:
+        return _multiframe_planes(scan, source)
+    planes = []
+    for ds in source.datasets:
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+        planes.append(_Plane(np.array([float(v) for v in ds.ImagePositionPatient]), iop[:3] * column_spacing,
+                             iop[3:] * row_spacing, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    return planes
+
+
+def _multiframe_planes(scan: "Scan", source: "DicomSource") -> list[_Plane]:
+    """Slice k of the stored order is the frame k-th along the normal (``read_multiframe``)."""
+    from unisegcli.io.dicom_series import LPS_TO_RAS, flip_rows
+
+    ds = source.datasets[0]
+    shape = scan.file_shape
+    lps = LPS_TO_RAS @ flip_rows(np.zeros((1, shape[1], 1)), np.asarray(scan.image.affine))[1]
+    normal = np.cross(lps[:3, 0], lps[:3, 1])
+    try:
+        positions = np.array([[float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+                              for item in ds.PerFrameFunctionalGroupsSequence])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        positions = np.zeros((0, 3))
+    if positions.shape != (shape[2], 3):
+        raise DicomReferenceError(
+            f"--output-type rtstruct needs one frame per slice in '{source.path}', found {len(positions)} frame "
+            f"positions for {shape[2]} slices; expected a single-volume enhanced image. Use --output-type dicom-seg."
+        )
+    order = np.argsort(positions @ normal, kind="stable")
+    return [_Plane((lps @ np.array([0.0, 0.0, k, 1.0]))[:3], lps[:3, 0], lps[:3, 1], str(ds.SOPClassUID),
+                   str(ds.SOPInstanceUID), int(order[k]) + 1) for k in range(shape[2])]
+
+
+def _slice_contours(frames_kji: np.ndarray, planes: Sequence[_Plane]) -> list["Dataset"]:
     """Contour items of one structure: LPS mm points on each source slice that holds it."""
     from pydicom.dataset import Dataset
 
     items = []
     for k in np.flatnonzero(frames_kji.any(axis=(1, 2))):
-        slice_ds = source.datasets[int(k)]
-        origin = np.array([float(v) for v in slice_ds.ImagePositionPatient])
-        iop = np.array([float(v) for v in slice_ds.ImageOrientationPatient])
-        row_spacing, column_spacing = (float(v) for v in slice_ds.PixelSpacing)
+        plane = planes[int(k)]
         for contour in _contours(frames_kji[k]):
-            # contour: (row, column) pixel coordinates; DICOM C.7.6.2.1.1 maps them to LPS mm.
-            points = (
-                origin[None, :]
-                + contour[:, 1:2] * column_spacing * iop[None, :3]
-                + contour[:, 0:1] * row_spacing * iop[None, 3:]
-            )
+            # contour: (row, column) pixel coordinates, mapped to LPS mm.
+            points = (plane.origin_lps[None, :] + contour[:, 1:2] * plane.column_step_lps[None, :]
+                      + contour[:, 0:1] * plane.row_step_lps[None, :])
             item = Dataset()
-            item.ContourImageSequence = [image_ref(slice_ds)]
+            item.ContourImageSequence = [plane.ref()]
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(points)
             item.ContourData = [f"{v:.3f}" for v in points.ravel()]

@@ -209,6 +209,13 @@ def _dicom_dataset(output_type: str, masks: Mapping[str, np.ndarray], scan: Scan
     return None
 
 
+def _with_input_series(statistics: Mapping[str, Any], source: "DicomSource | None") -> Mapping[str, Any]:
+    """statistics.json records which DICOM series was chosen from a study, and why."""
+    if source is None or not source.choices:
+        return statistics
+    return {**statistics, "input_series": [choice.as_dict() for choice in source.choices]}
+
+
 def _volumes_ml(masks: Mapping[str, np.ndarray], statistics: Mapping[str, Any] | None,
                 voxel_ml: float) -> dict[str, float]:
     if statistics is not None:
@@ -273,7 +280,7 @@ def write_case_outputs(
     if statistics is not None:
         from unisegcli.outputs.statistics import render_statistics
 
-        json_text, csv_text = render_statistics(statistics)
+        json_text, csv_text = render_statistics(_with_input_series(statistics, dicom_source))
     from unisegcli.outputs.preview import render_preview, structure_colors
 
     colors = structure_colors(list(masks))
