@@ -256,6 +256,8 @@ def _row_window(
         window = (lo, hi)
         taps = None
     else:
+        if order > 1:  # a spline's coefficients depend on the whole line
+            raise ValueError("a window of rows needs interpolation order 0 or 1 along that axis")
         idx, w = _taps(int(data.shape[1]), n_out, order)
         idx, w = idx[lo:hi], w[lo:hi]
         window = (int(idx.min()), int(idx.max()) + 1)
