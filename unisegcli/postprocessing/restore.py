@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 EXPORT_ORDER = 1  # resampling_fn_probabilities_kwargs order (nnU-Net v1 and v2)
 EXPORT_ORDER_Z = 0
-SLAB_VOXELS = 1 << 20  # output voxels per slab: 4 MB float32 per class, cache-sized
+SLAB_VOXELS = 1 << 20  # output voxels per slab on the CPU: 4 MB float32 per class, cache-sized
+DEVICE_SLAB_VOXELS = 1 << 25  # on a GPU: few large kernels rather than many small launches
 
 RowsOf = Callable[[int, int, int], "torch.Tensor"]
 """rows_of(k, lo, hi): class k's resampled scores for output rows lo:hi, [hi - lo, Y, X]."""
@@ -106,7 +107,7 @@ def label_map_in_slabs(
     *,
     device: "torch.device | str" = "cpu",
     region_values: Sequence[int] | None = None,
-    slab_voxels: int = SLAB_VOXELS,
+    slab_voxels: int | None = None,
     observe: Callable[["torch.Tensor"], None] | None = None,
 ) -> "torch.Tensor":
     """uint8 [Z, Y, X] label map built slab by slab from ``rows_of`` (see ``RowsOf``).
@@ -115,9 +116,12 @@ def label_map_in_slabs(
     ``argmax``). ``region_values``: sigmoid regions instead -- class k paints
     ``region_values[k]`` where its score is > 0, in order (nnU-Net ``regions_class_order``).
     ``observe`` sees every slab ``rows_of`` returns (tests check the largest buffer with it).
+    ``slab_voxels``: default SLAB_VOXELS on the CPU, DEVICE_SLAB_VOXELS elsewhere.
     """
     import torch
 
+    if slab_voxels is None:
+        slab_voxels = SLAB_VOXELS if torch.device(device).type == "cpu" else DEVICE_SLAB_VOXELS
     depth, height, width = (int(s) for s in shape_zyx)
     labels = torch.zeros((depth, height, width), dtype=torch.uint8, device=device)
     for lo, hi in slab_rows(depth, height * width, slab_voxels):

@@ -270,7 +270,7 @@ def export_segmentation(logits: "torch.Tensor", prepared: Prepared, folder: "Res
     full-resolution [K, Z, Y, X] array nor a full-resolution float volume ever exists
     (``slab_voxels``, ``observe``: see there).
     """
-    from unisegcli.postprocessing.restore import SLAB_VOXELS, label_map_in_slabs
+    from unisegcli.postprocessing.restore import label_map_in_slabs
 
     regions = [label.value for label in folder.labels()] if folder.is_regions else None
     rows_of = _logit_rows(logits, prepared.trace, folder)
@@ -279,7 +279,7 @@ def export_segmentation(logits: "torch.Tensor", prepared: Prepared, folder: "Res
     else:
         shape = _export_steps(prepared.trace)[0][0].shape_before  # the crop box's shape
         labels = label_map_in_slabs(logits.shape[0], shape, rows_of, device=logits.device, region_values=regions,
-                                    slab_voxels=slab_voxels or SLAB_VOXELS, observe=observe).cpu().numpy()
+                                    slab_voxels=slab_voxels, observe=observe).cpu().numpy()
     crop = prepared.trace.crop
     if crop is not None:
         labels = insert_into_bbox(np.zeros(crop.shape_before, dtype=np.uint8), labels, crop.bbox)
