@@ -45,6 +45,7 @@ bench: venv
 	$(BENCH) benchmarks/end_to_end.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/multitask_scaling.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/memory.py $(BENCH_ARGS)
+	$(BENCH) benchmarks/many_classes.py
 	$(BENCH) benchmarks/workers.py
 
 # The same comparisons at toy sizes (each under 3 minutes on 2 CPU cores); the last line of

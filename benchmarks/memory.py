@@ -132,7 +132,7 @@ def use_previous_restore() -> None:
 
     1. ``resample.zoom_axis`` gathered each of the 2 (linear) or 4 (cubic) taps as a whole
        output-sized temporary (now: in slabs of 16 Mi elements);
-    2. ``resample._clip_like`` allocated its result (now: clamps the fresh input in place);
+    2. ``resample._clip`` allocated its result (now: clamps the fresh input in place);
     3. ``restore._argmax_resampled`` allocated ``torch.where``'s result for the running
        maximum (now: ``torch.maximum(..., out=)``);
     4. ``run_case`` built every structure's bool mask up front (now: ``LabelMasks`` computes
@@ -145,7 +145,9 @@ def use_previous_restore() -> None:
     from unisegcli.postprocessing import restore
     from unisegcli.preprocessing import resample
 
-    def zoom_axis(x: Any, axis: int, size: int, order: int) -> Any:
+    def zoom_axis(x: Any, axis: int, size: int, order: int, taps: Any = None) -> Any:
+        if taps is not None:  # a window of rows (the slab export, newer than this): as now
+            return previous_zoom(x, axis, size, order, taps)
         n = x.shape[axis]
         moved = x.movedim(axis, 0)
         rest = moved.shape[1:]
@@ -162,8 +164,8 @@ def use_previous_restore() -> None:
                 out.addcmul_(lines.index_select(0, idx[:, t]), w[:, t : t + 1])
         return out.reshape(size, *rest).movedim(0, axis)
 
-    def clip_like(out: Any, source: Any, dims: tuple[int, ...]) -> Any:
-        return out.clamp(min=source.amin(dim=dims, keepdim=True), max=source.amax(dim=dims, keepdim=True))
+    def clip(out: Any, bounds: Any) -> Any:
+        return out.clamp(min=bounds[0], max=bounds[1])
 
     def argmax_resampled(scores: Any, steps: Any, compute_dtype: Any) -> Any:
         best_value = best_label = None
@@ -184,9 +186,11 @@ def use_previous_restore() -> None:
     def eager_masks(label_maps: Any, where: Any) -> dict[str, np.ndarray]:
         return {name: label_maps[task] == label for name, (task, label) in where.items()}
 
+    previous_zoom = resample.zoom_axis
     resample.zoom_axis = zoom_axis
-    resample._clip_like = clip_like
+    resample._clip = clip
     restore._argmax_resampled = argmax_resampled
+    restore._label_map = lambda scores, steps, compute_dtype: argmax_resampled(scores, steps, compute_dtype).cpu().numpy()
     masks_module.LabelMasks = eager_masks
 
 

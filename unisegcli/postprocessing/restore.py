@@ -12,17 +12,22 @@ nnunetv2/inference/export_prediction.py; v1 ``save_segmentation_nifti_from_softm
 
 The scores are resampled one class at a time with a running argmax, so the full-resolution
 [K, Z, Y, X] array never exists; per-class resampling gives the same numbers because nnU-Net
-resamples (and clips) each channel independently.
+resamples (and clips) each channel independently. With one resampling step (every family's
+trace) the output is made in slabs of rows along z (``label_map_in_slabs``): each slab of
+every class is resampled and compared while it is still in the CPU's cache, and no float
+array larger than one slab is allocated (``resample_to_shape(rows=...)`` gives those rows
+bit for bit as the whole volume would). A 118-class export to 512 x 512 x 300 voxels then
+needs its uint8 label map plus a few MB instead of three full float32 volumes.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from unisegcli.preprocessing.crop import insert_into_bbox
-from unisegcli.preprocessing.resample import resample_to_shape
+from unisegcli.preprocessing.resample import clip_bounds, resample_to_shape
 from unisegcli.preprocessing.trace import CropStep, ResampleStep, Trace
 
 if TYPE_CHECKING:
@@ -30,6 +35,11 @@ if TYPE_CHECKING:
 
 EXPORT_ORDER = 1  # resampling_fn_probabilities_kwargs order (nnU-Net v1 and v2)
 EXPORT_ORDER_Z = 0
+SLAB_VOXELS = 1 << 20  # output voxels per slab on the CPU: 4 MB float32 per class, cache-sized
+DEVICE_SLAB_VOXELS = 1 << 25  # on a GPU: few large kernels rather than many small launches
+
+RowsOf = Callable[[int, int, int], "torch.Tensor"]
+"""rows_of(k, lo, hi): class k's resampled scores for output rows lo:hi, [hi - lo, Y, X]."""
 
 
 def undo_resample(
@@ -83,6 +93,76 @@ def _argmax_resampled(
     return best_label
 
 
+def slab_rows(depth: int, plane_voxels: int, slab_voxels: int = SLAB_VOXELS) -> list[tuple[int, int]]:
+    """(lo, hi) row ranges along z that cover ``depth`` rows with about ``slab_voxels`` each
+    (at least one row)."""
+    step = max(1, slab_voxels // max(1, plane_voxels))
+    return [(lo, min(depth, lo + step)) for lo in range(0, depth, step)]
+
+
+def label_map_in_slabs(
+    classes: int,
+    shape_zyx: Sequence[int],
+    rows_of: RowsOf,
+    *,
+    device: "torch.device | str" = "cpu",
+    region_values: Sequence[int] | None = None,
+    slab_voxels: int | None = None,
+    observe: Callable[["torch.Tensor"], None] | None = None,
+) -> "torch.Tensor":
+    """uint8 [Z, Y, X] label map built slab by slab from ``rows_of`` (see ``RowsOf``).
+
+    Labels: a running argmax over the classes (strict ``>``: the lower class keeps ties, as
+    ``argmax``). ``region_values``: sigmoid regions instead -- class k paints
+    ``region_values[k]`` where its score is > 0, in order (nnU-Net ``regions_class_order``).
+    ``observe`` sees every slab ``rows_of`` returns (tests check the largest buffer with it).
+    ``slab_voxels``: default SLAB_VOXELS on the CPU, DEVICE_SLAB_VOXELS elsewhere.
+    """
+    import torch
+
+    if slab_voxels is None:
+        slab_voxels = SLAB_VOXELS if torch.device(device).type == "cpu" else DEVICE_SLAB_VOXELS
+    depth, height, width = (int(s) for s in shape_zyx)
+    labels = torch.zeros((depth, height, width), dtype=torch.uint8, device=device)
+    for lo, hi in slab_rows(depth, height * width, slab_voxels):
+        seg = labels[lo:hi]
+        best: torch.Tensor | None = None
+        for k in range(classes):
+            scores = rows_of(k, lo, hi)
+            if observe is not None:
+                observe(scores)
+            if region_values is not None:
+                seg[scores > 0] = region_values[k]
+            elif best is None:
+                best = scores.clone()  # may be a view of the caller's scores; updated in place
+            else:
+                better = scores > best
+                seg.masked_fill_(better, k)
+                torch.maximum(best, scores, out=best)
+    return labels
+
+
+def rows_resampler(scores: "torch.Tensor", step: ResampleStep, *, order: int = EXPORT_ORDER,
+                   order_z: int = EXPORT_ORDER_Z, force_separate_z: bool | None = None,
+                   compute_dtype: "torch.dtype | None" = None,
+                   out_dtype: "torch.dtype | None" = None) -> RowsOf:
+    """``RowsOf`` for [K, z, y, x] ``scores`` resampled back by ``step`` (``undo_resample``
+    for a window of rows; each class's clip bounds are computed once, on first use)."""
+    bounds: dict[int, tuple["torch.Tensor", "torch.Tensor"]] = {}
+    spacing = (step.spacing_after_mm, step.spacing_before_mm)
+
+    def rows_of(k: int, lo: int, hi: int) -> "torch.Tensor":
+        channel = scores[k : k + 1]
+        if k not in bounds:
+            bounds[k] = clip_bounds(channel, *spacing, force_separate_z=force_separate_z,
+                                    compute_dtype=compute_dtype)
+        return resample_to_shape(channel, step.shape_before, *spacing, order=order, order_z=order_z,
+                                 force_separate_z=force_separate_z, compute_dtype=compute_dtype,
+                                 rows=(lo, hi), bounds=bounds[k], out_dtype=out_dtype)[0]
+
+    return rows_of
+
+
 def restore_label_map(
     scores: "torch.Tensor", trace: Trace, *, compute_dtype: "torch.dtype | None" = None
 ) -> np.ndarray:
@@ -105,12 +185,21 @@ def restore_label_map(
             pending.append(step)
         elif isinstance(step, CropStep):
             if labels is None:
-                labels = _argmax_resampled(scores, pending, compute_dtype).cpu().numpy()
+                labels = _label_map(scores, pending, compute_dtype)
             full = np.zeros(step.shape_before, dtype=np.uint8)
             labels = insert_into_bbox(full, labels, step.bbox)
     if labels is None:
-        labels = _argmax_resampled(scores, pending, compute_dtype).cpu().numpy()
+        labels = _label_map(scores, pending, compute_dtype)
     return labels
+
+
+def _label_map(scores: "torch.Tensor", steps: Sequence[ResampleStep],
+               compute_dtype: "torch.dtype | None") -> np.ndarray:
+    if len(steps) != 1:  # none, or several in a row (no family records that): class by class
+        return _argmax_resampled(scores, steps, compute_dtype).cpu().numpy()
+    rows_of = rows_resampler(scores, steps[0], compute_dtype=compute_dtype)
+    return label_map_in_slabs(scores.shape[0], steps[0].shape_before, rows_of,
+                              device=scores.device).cpu().numpy()
 
 
 def restore_probabilities(

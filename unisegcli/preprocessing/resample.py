@@ -164,9 +164,14 @@ def _spline_coefficients(lines: "torch.Tensor") -> "torch.Tensor":
     return c
 
 
-def zoom_axis(x: "torch.Tensor", axis: int, size: int, order: int) -> "torch.Tensor":
+def zoom_axis(x: "torch.Tensor", axis: int, size: int, order: int,
+              taps: "tuple[np.ndarray, np.ndarray] | None" = None) -> "torch.Tensor":
     """Resize one axis of a floating tensor to ``size`` voxels like
-    ``scipy.ndimage.zoom(order, mode='nearest', grid_mode=True)`` (no clipping)."""
+    ``scipy.ndimage.zoom(order, mode='nearest', grid_mode=True)`` (no clipping).
+
+    taps: (indices, weights) [n_out, T] to use instead of the zoom's own (a window of its
+    rows, indices relative to ``x``; order 0 or 1 only). ``size`` is then ignored.
+    """
     import torch
 
     n = x.shape[axis]
@@ -174,11 +179,13 @@ def zoom_axis(x: "torch.Tensor", axis: int, size: int, order: int) -> "torch.Ten
     rest = moved.shape[1:]
     lines = moved.reshape(n, -1)
     if order == 3:
+        if taps is not None:
+            raise ValueError("a window of rows needs interpolation order 0 or 1 along that axis")
         lines = _spline_coefficients(lines)
-    idx_np, w_np = _taps(n, size, order)
+    idx_np, w_np = taps if taps is not None else _taps(n, size, order)
     idx = torch.as_tensor(idx_np, device=x.device)
     w = torch.as_tensor(w_np, dtype=x.dtype, device=x.device)
-    return apply_taps(lines, idx, w).reshape(size, *rest).movedim(0, axis)
+    return apply_taps(lines, idx, w).reshape(idx.shape[0], *rest).movedim(0, axis)
 
 
 def apply_taps(lines: "torch.Tensor", idx: "torch.Tensor", w: "torch.Tensor") -> "torch.Tensor":
@@ -201,11 +208,63 @@ def apply_taps(lines: "torch.Tensor", idx: "torch.Tensor", w: "torch.Tensor") ->
     return out
 
 
-def _clip_like(out: "torch.Tensor", source: "torch.Tensor", dims: tuple[int, ...]) -> "torch.Tensor":
-    # skimage.transform.resize clips its output to the input's range (_clip_warp_output):
-    # per 2-D slice in nnU-Net's separate-z path, per channel volume otherwise.
-    # ``out`` is always a fresh result of zoom_axis: clamped in place (one volume less).
-    return out.clamp_(min=source.amin(dim=dims, keepdim=True), max=source.amax(dim=dims, keepdim=True))
+Bounds = tuple["torch.Tensor", "torch.Tensor"]
+
+
+def clip_bounds(
+    data: "torch.Tensor",
+    current_spacing_mm: Sequence[float],
+    new_spacing_mm: Sequence[float],
+    *,
+    force_separate_z: bool | None = None,
+    compute_dtype: "torch.dtype | None" = None,
+) -> Bounds:
+    """The (min, max) that ``resample_to_shape`` clips its result of ``data`` to.
+
+    skimage.transform.resize clips its output to the input's range (_clip_warp_output): per
+    2-D slice in nnU-Net's separate-z path (min/max over the in-plane axes, kept per slice),
+    per channel volume otherwise ([C, 1, 1, 1]). Computed once per channel, they let
+    ``resample_to_shape(rows=...)`` resample a window of rows to the same numbers.
+    """
+    x = data.to(_compute_dtype(data, compute_dtype))
+    axis = separate_z_axis(current_spacing_mm, new_spacing_mm, force_separate_z)
+    dims = tuple(a + 1 for a in range(3) if a != axis) if axis is not None else (1, 2, 3)
+    return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+
+
+def _clip(out: "torch.Tensor", bounds: Bounds) -> "torch.Tensor":
+    # ``out`` is always a fresh result of zoom_axis: clamped in place (one volume less)
+    return out.clamp_(min=bounds[0], max=bounds[1])
+
+
+def _compute_dtype(data: "torch.Tensor", compute_dtype: "torch.dtype | None") -> "torch.dtype":
+    import torch
+
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float64 if data.dtype == torch.float64 else torch.float32
+
+
+def _row_window(
+    data: "torch.Tensor", n_out: int, order: int, rows: tuple[int, int], bounds: Bounds | None, per_row: bool
+) -> tuple["torch.Tensor", "tuple[np.ndarray, np.ndarray] | None", Bounds | None]:
+    """The input rows (axis 0) that output rows ``rows`` interpolate from, their taps (indices
+    relative to the window; None when axis 0 keeps its size) and the bounds of those rows
+    (``per_row``: the bounds vary along axis 0, as in a separate-z resampling along it)."""
+    lo, hi = rows
+    if data.shape[1] == n_out:
+        window = (lo, hi)
+        taps = None
+    else:
+        if order > 1:  # a spline's coefficients depend on the whole line
+            raise ValueError("a window of rows needs interpolation order 0 or 1 along that axis")
+        idx, w = _taps(int(data.shape[1]), n_out, order)
+        idx, w = idx[lo:hi], w[lo:hi]
+        window = (int(idx.min()), int(idx.max()) + 1)
+        taps = (idx - window[0], w)
+    if bounds is not None and per_row:
+        bounds = (bounds[0][:, window[0]:window[1]], bounds[1][:, window[0]:window[1]])
+    return data[:, window[0]:window[1]], taps, bounds
 
 
 def resample_to_shape(
@@ -218,6 +277,9 @@ def resample_to_shape(
     order_z: int = 0,
     force_separate_z: bool | None = None,
     compute_dtype: "torch.dtype | None" = None,
+    rows: tuple[int, int] | None = None,
+    bounds: Bounds | None = None,
+    out_dtype: "torch.dtype | None" = None,
 ) -> "torch.Tensor":
     """Resample [C, Z, Y, X] ``data`` to spatial ``new_shape`` (z, y, x), on data's device.
 
@@ -225,8 +287,13 @@ def resample_to_shape(
     for probabilities/logits (export), ``order_z`` (0: nearest) along a separate anisotropic
     axis chosen by :func:`separate_z_axis` from the two (z, y, x) spacings in mm. An unchanged
     shape returns ``data`` untouched. Computes in ``compute_dtype`` (default float32, float64
-    if data is float64; float64 gives scipy's numbers to ~1e-12) and returns data's dtype
-    (float32 for integer input).
+    if data is float64; float64 gives scipy's numbers to ~1e-12) and returns ``out_dtype``
+    (default data's dtype; float32 for integer input).
+
+    rows: (lo, hi) -- only output rows lo:hi of axis 0 (z), bit for bit the same numbers as
+    those rows of the whole result, from only the input rows they need (axis 0 must be
+    resampled with order 0 or 1). ``bounds``: ``clip_bounds(data, ...)``, computed once when
+    many windows of the same data are resampled (else each call computes them).
     """
     import torch
 
@@ -237,23 +304,34 @@ def resample_to_shape(
             f"expected [C, Z, Y, X] data and a (z, y, x) shape, got {tuple(data.shape)} -> {new_shape}"
         )
     if shape == new_shape:
-        return data
-    out_dtype = data.dtype if data.is_floating_point() else torch.float32
-    if compute_dtype is None:
-        compute_dtype = torch.float64 if data.dtype == torch.float64 else torch.float32
-    x = data.to(compute_dtype)
+        return data if rows is None else data[:, rows[0]:rows[1]]
+    if out_dtype is None:
+        out_dtype = data.dtype if data.is_floating_point() else torch.float32
+    compute_dtype = _compute_dtype(data, compute_dtype)
     axis = separate_z_axis(current_spacing_mm, new_spacing_mm, force_separate_z)
+    if bounds is None and order > 0:
+        bounds = clip_bounds(data, current_spacing_mm, new_spacing_mm, force_separate_z=force_separate_z,
+                             compute_dtype=compute_dtype)
+    row_taps = None
+    if rows is not None:
+        data, row_taps, bounds = _row_window(data, new_shape[0], order_z if axis == 0 else order, rows, bounds,
+                                             per_row=axis == 0)
+    x = data.to(compute_dtype)
+
+    def zoom(y: "torch.Tensor", a: int, a_order: int) -> "torch.Tensor":
+        return zoom_axis(y, a + 1, new_shape[a], a_order, row_taps if a == 0 else None)
+
     if axis is not None:
         inplane = [a for a in range(3) if a != axis]
         y = x
         for a in inplane:
-            if y.shape[a + 1] != new_shape[a]:
-                y = zoom_axis(y, a + 1, new_shape[a], order)
+            if shape[a] != new_shape[a]:
+                y = zoom(y, a, order)
         if order > 0 and y is not x:
-            y = _clip_like(y, x, tuple(a + 1 for a in inplane))
+            y = _clip(y, bounds)  # type: ignore[arg-type]
         if shape[axis] != new_shape[axis]:
             # map_coordinates along the coarse axis: no clipping in nnU-Net here
-            y = zoom_axis(y, axis + 1, new_shape[axis], order_z)
+            y = zoom(y, axis, order_z)
     else:
         # most shrinking axis first keeps the intermediate arrays small
         axes = sorted(
@@ -261,7 +339,7 @@ def resample_to_shape(
         )
         y = x
         for a in axes:
-            y = zoom_axis(y, a + 1, new_shape[a], order)
+            y = zoom(y, a, order)
         if order > 0:
-            y = _clip_like(y, x, (1, 2, 3))
+            y = _clip(y, bounds)  # type: ignore[arg-type]
     return y.to(out_dtype)

@@ -241,16 +241,17 @@ def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settin
 
 
 def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: NnunetModel, *, settings: "RunSettings",
-            device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
-    """{task name: uint8 [Z, Y, X] 0/1 map} for one case; each needed part runs once."""
+            device: "torch.device", progress: Any = None, warn: Any = None) -> Mapping[str, np.ndarray]:
+    """{task name: uint8 [Z, Y, X] 0/1 map} for one case (``StructureMaps``: each map is made
+    when it is read); each needed part runs once."""
     from unisegcli.io.cases import task_channels
     from unisegcli.models.nnunet.folder import Label
-    from unisegcli.models.nnunet.pipeline import export_segmentation, structure_mask
+    from unisegcli.models.nnunet.pipeline import StructureMaps, export_segmentation
 
     by_part: dict[str, list["TaskCard"]] = {}
     for task in tasks:
         by_part.setdefault(_part(task), []).append(task)
-    maps: dict[str, np.ndarray] = {}
+    maps = StructureMaps()
     for number, (part_key, group) in enumerate(sorted(by_part.items())):
         part = net.parts[part_key]
         image = task_channels(loaded, group[0])
@@ -260,7 +261,7 @@ def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: NnunetModel,
         for task in group:
             region = task.extra.get("region")
             label = Label(task.name, int(task.extra["label"]), tuple(region) if region else None)
-            maps[task.name] = structure_mask(labels, label)
+            maps.add(task.name, labels, label)
     return maps
 
 

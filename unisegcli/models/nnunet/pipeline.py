@@ -22,7 +22,7 @@ reader layout), so ``postprocessing.restore`` undoes them as for every other fam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from unisegcli.io.nifti import Scan
     from unisegcli.models.nnunet.folder import Label, ResultsFolder
+    from unisegcli.postprocessing.restore import RowsOf
 
 REORIENTING_READERS = ("NibabelIOWithReorient", "SimpleITKIOWithReorient")  # both: closest RAS, (S, A, R)
 FILE_ORDER_READERS = ("SimpleITKIO", "NibabelIO")
@@ -229,18 +230,67 @@ def resample_logits(logits: "torch.Tensor", trace: Trace, folder: "ResultsFolder
     return out
 
 
+def _logit_rows(logits: "torch.Tensor", trace: Trace, folder: "ResultsFolder") -> "RowsOf | None":
+    """``resample_logits`` for one class and a window of output rows (None: the trace does
+    not resample exactly once, which ``preprocess_case`` always does)."""
+    import torch
+
+    from unisegcli.postprocessing.restore import rows_resampler
+
+    steps = _export_steps(trace)[0]
+    if len(steps) != 1:
+        return None
+    kwargs = folder.configuration.get("resampling_fn_probabilities_kwargs") or {}
+    half = logits.dtype == torch.float16
+    wide = torch.float64 if half else None  # as resample_logits: float64, then numpy's float16 cast
+    resampled = rows_resampler(logits, steps[0], order=int(kwargs.get("order", 1)),
+                               order_z=int(kwargs.get("order_z", 0)),
+                               force_separate_z=kwargs.get("force_separate_z"), compute_dtype=wide, out_dtype=wide)
+    if not half:
+        return resampled
+
+    def rows_of(k: int, lo: int, hi: int) -> "torch.Tensor":
+        out = resampled(k, lo, hi)
+        if out.dtype != torch.float64:  # not resampled (same shape): already float16
+            return out
+        return torch.from_numpy(out.cpu().numpy().astype(np.float16)).to(out.device)
+
+    return rows_of
+
+
 def export_segmentation(logits: "torch.Tensor", prepared: Prepared, folder: "ResultsFolder",
-                        scan: "Scan | None") -> np.ndarray:
+                        scan: "Scan | None", *, slab_voxels: int | None = None,
+                        observe: "Callable[[torch.Tensor], None] | None" = None) -> np.ndarray:
     """nnU-Net's label map (uint8, its label values) in our internal [Z, Y, X] grid.
 
     Regions: sigmoid > 0.5 (logit > 0) paints ``regions_class_order[i]`` for region i in order.
-    Channels are resampled one at a time (nnU-Net resamples each channel on its own), so the
-    full-resolution [K, Z, Y, X] array never exists; labels keep a running argmax (the lower
-    label wins ties, as ``argmax``).
+    Labels: a running argmax (the lower label wins ties, as ``argmax``). Channels are resampled
+    one at a time (nnU-Net resamples each channel on its own) and, as in
+    ``postprocessing.restore.label_map_in_slabs``, a slab of rows at a time: neither the
+    full-resolution [K, Z, Y, X] array nor a full-resolution float volume ever exists
+    (``slab_voxels``, ``observe``: see there).
     """
+    from unisegcli.postprocessing.restore import label_map_in_slabs
+
+    regions = [label.value for label in folder.labels()] if folder.is_regions else None
+    rows_of = _logit_rows(logits, prepared.trace, folder)
+    if rows_of is None:
+        labels = _export_whole_channels(logits, prepared, folder, regions)
+    else:
+        shape = _export_steps(prepared.trace)[0][0].shape_before  # the crop box's shape
+        labels = label_map_in_slabs(logits.shape[0], shape, rows_of, device=logits.device, region_values=regions,
+                                    slab_voxels=slab_voxels, observe=observe).cpu().numpy()
+    crop = prepared.trace.crop
+    if crop is not None:
+        labels = insert_into_bbox(np.zeros(crop.shape_before, dtype=np.uint8), labels, crop.bbox)
+    return from_network_layout(labels, scan, prepared.layout)
+
+
+def _export_whole_channels(logits: "torch.Tensor", prepared: Prepared, folder: "ResultsFolder",
+                           regions: Sequence[int] | None) -> np.ndarray:
+    """The label map over the crop box, one whole channel at a time (any trace)."""
     import torch
 
-    regions = folder.labels() if folder.is_regions else None
     seg: "torch.Tensor | None" = None
     best: "torch.Tensor | None" = None
     for k in range(logits.shape[0]):
@@ -248,7 +298,7 @@ def export_segmentation(logits: "torch.Tensor", prepared: Prepared, folder: "Res
         if seg is None:
             seg = torch.zeros(channel.shape, dtype=torch.uint8, device=channel.device)
         if regions is not None:
-            seg[channel > 0] = regions[k].value
+            seg[channel > 0] = regions[k]
         elif best is None:
             best = channel.clone()
         else:
@@ -256,11 +306,7 @@ def export_segmentation(logits: "torch.Tensor", prepared: Prepared, folder: "Res
             best = torch.where(better, channel, best)
             seg.masked_fill_(better, k)
     assert seg is not None
-    labels = seg.cpu().numpy()
-    crop = prepared.trace.crop
-    if crop is not None:
-        labels = insert_into_bbox(np.zeros(crop.shape_before, dtype=np.uint8), labels, crop.bbox)
-    return from_network_layout(labels, scan, prepared.layout)
+    return seg.cpu().numpy()
 
 
 def export_probabilities(logits: "torch.Tensor", prepared: Prepared, folder: "ResultsFolder",
@@ -279,6 +325,29 @@ def export_probabilities(logits: "torch.Tensor", prepared: Prepared, folder: "Re
             full[0] = 1.0
         part = insert_into_bbox(full, part, crop.bbox)
     return from_network_layout(part, scan, prepared.layout)
+
+
+class StructureMaps(Mapping[str, np.ndarray]):
+    """task -> uint8 0/1 map [Z, Y, X], computed from its part's label map on each access and
+    never stored: the 117 structures of TotalSegmentator's ``total`` on a 512 x 512 x 300 scan
+    would hold 9 GB of maps beside one 79 MB label map (``outputs.masks.LabelMasks`` then
+    compares each with its label one at a time, while it is written)."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[np.ndarray, "Label"]] = {}
+
+    def add(self, name: str, labels: np.ndarray, label: "Label") -> None:
+        self._where[name] = (labels, label)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        labels, label = self._where[name]
+        return structure_mask(labels, label)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def structure_mask(labels: np.ndarray, label: "Label") -> np.ndarray:
