@@ -46,6 +46,7 @@ bench: venv
 	$(BENCH) benchmarks/multitask_scaling.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/memory.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/workers.py
+	$(BENCH) benchmarks/cohort.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

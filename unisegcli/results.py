@@ -38,7 +38,8 @@ class Segmentation:
     label_maps: dict[str, np.ndarray]
     outputs: "OutputOptions"
     warnings: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: read, predict
+    # seconds: read, predict (= prepare + network + finish for a family that runs in stages)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def case_id(self) -> str:
@@ -129,6 +130,7 @@ class CaseResult:
     files: list[Path] = field(default_factory=list)  # every file written for the case
     worker: str | None = None  # "w1@cuda:1" when worker processes ran the batch
     flags: dict[str, list[str]] = field(default_factory=dict)  # structure -> QC flags raised (outputs.qc)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: read, prepare, network, finish, write
 
 
 @dataclass

@@ -131,7 +131,8 @@ class RunReporter(Events):
                  outputs={k: str(v) for k, v in result.masks.items()},
                  files=[str(p) for p in result.files],
                  volumes_ml={k: round(v, 3) for k, v in result.volumes_ml.items()},
-                 seconds=round(result.seconds, 3), flags=result.flags, **_worker_fields(result.worker))
+                 seconds=round(result.seconds, 3), timings={k: round(v, 3) for k, v in result.timings.items()},
+                 flags=result.flags, **_worker_fields(result.worker))
         if self._progress is not None:
             self._progress.advance(self._cases_task)
             if console.state.verbose:
