@@ -4,7 +4,7 @@
 The cohort: crops of the example CT (3 mm) of different sizes. The results folder: the test
 fixture's (tests/data/nnunetv2_tiny) with a larger PlainConvUNet (5 stages, 16-128 features,
 patch 32x96x96, spacing 3x2x2 mm so every case is resampled on the way in and out) and random
-weights; ``--small``: the fixture's own 4-stage network, patch 16x48x48, 6 small cases.
+weights; ``--small``: the fixture's own 4-stage network, patch 16x48x48, 4 small cases.
 
 Contestants, each a real subprocess (start-up and model load included), in rotating order:
 
@@ -179,12 +179,12 @@ def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.set_defaults(repeat=1)
     parser.add_argument("--cases", type=int, default=20, help="cases in the cohort (default 20)")
-    parser.add_argument("--small", action="store_true", help="6 small cases, the fixture network (under 3 minutes)")
+    parser.add_argument("--small", action="store_true", help="4 small cases, the fixture network (under 3 minutes)")
     args = parser.parse_args()
     if args.device != "cpu":
         raise SystemExit("error: cohort.py measures the CPU (its nnU-Net contestant runs on the CPU)")
     machine = common.machine_record(common.setup(args))
-    count = 6 if args.small else args.cases
+    count = 4 if args.small else args.cases
     seen: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="uniseg-bench-cohort-") as tmp:
         root = Path(tmp)

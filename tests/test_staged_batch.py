@@ -247,3 +247,30 @@ def test_interrupt_stops_every_stage_and_leaves_no_partial_case(tmp_path: Path) 
     assert set(done) <= {"case00", "case01"}
     for folder in (p for p in out.iterdir() if p.is_dir()):
         assert folder.name in done or not any(folder.iterdir()), folder.name
+
+
+def test_nnunet_folder_batch_is_the_same_staged_or_not(tmp_path: Path, monkeypatch) -> None:
+    """nnU-Net v2 folders run in stages too: a batch of the fixture's two scans gives the same
+    masks through the staged batch as one case after the other (exact and default mode)."""
+    fixture = Path(__file__).parent / "data" / "nnunetv2_tiny"
+    folder = fixture / "Dataset999_Tiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for scan in sorted((fixture / "inputs").glob("*.nii.gz")):
+        (inputs / scan.name).write_bytes(scan.read_bytes())
+    runs = {}
+    for staged in (True, False):
+        monkeypatch.setattr(Segmenter, "staged", property(lambda self, on=staged: on and self.family.staged))
+        for exact in (True, False):
+            seg = Segmenter(f"nnunet:{folder}", "liver,spleen,kidney", device="cpu", options={"nnunet_exact": exact})
+            assert seg.family.staged
+            out = tmp_path / f"out-{staged}-{exact}"
+            assert len(seg.run(inputs, out).cases) == 2
+            runs[staged, exact] = outputs(out)
+    for exact in (True, False):
+        one, other = runs[True, exact], runs[False, exact]
+        assert sorted(one) == sorted(other)
+        masks = [k for k in one if isinstance(one[k], tuple)]
+        assert len(masks) == 6 and any(one[k][0].any() for k in masks)
+        for key in masks:
+            np.testing.assert_array_equal(one[key][0], other[key][0], err_msg=key)

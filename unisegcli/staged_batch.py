@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from unisegcli.session import Segmenter, StagedCase
 
 DEPTH = 1  # cases waiting between two stages (each thread holds one more)
+# torch threads of the preparer and the writer when the network runs on the CPU (None: torch's
+# default, as many as the network's): they then leave the network's cores mostly to it
+CPU_STAGE_THREADS: int | None = 1
 _POLL_S = 0.1  # how often a blocked thread looks at the stop flag
 _END = None  # closes a queue
 
@@ -118,7 +121,15 @@ class StagedBatch:
 
     # -- threads --------------------------------------------------------------------------
 
+    def _limit_threads(self) -> None:
+        """On the CPU, this stage thread's torch ops use CPU_STAGE_THREADS (a per-thread setting)."""
+        if CPU_STAGE_THREADS is not None and getattr(self.segmenter.device, "type", None) == "cpu":
+            import torch
+
+            torch.set_num_threads(CPU_STAGE_THREADS)
+
     def _prepare_all(self) -> None:
+        self._limit_threads()
         for planned in self.todo:
             if self.stop.is_set():
                 return
@@ -135,6 +146,7 @@ class StagedBatch:
                 return
 
     def _write_all(self) -> None:
+        self._limit_threads()
         while True:
             entry = self._take(self.inferred)
             if entry is None:
