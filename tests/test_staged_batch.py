@@ -274,3 +274,40 @@ def test_nnunet_folder_batch_is_the_same_staged_or_not(tmp_path: Path, monkeypat
         assert len(masks) == 6 and any(one[k][0].any() for k in masks)
         for key in masks:
             np.testing.assert_array_equal(one[key][0], other[key][0], err_msg=key)
+
+
+def test_out_of_memory_while_restoring_restores_on_the_host(tmp_path: Path) -> None:
+    """A device out-of-memory in the finish stage (the GPU also holds the next case) retries
+    that case's restore with the network outputs on the CPU instead of failing the run."""
+    import torch
+
+    make_cohort(tmp_path / "in", 2)
+    refused: list[str] = []
+
+    class OomOnce(Hooked):
+        def finish_case(self, prepared, raw):
+            if prepared[0] == "case01" and not refused:
+                refused.append(prepared[0])
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().finish_case(prepared, raw)
+
+    result = segmenter(Recorder(), OomOnce()).run(tmp_path / "in", tmp_path / "out")
+    assert refused == ["case01"] and [c.case_id for c in result.cases] == ["case00", "case01"]
+    assert not result.failures
+
+
+def test_out_of_memory_while_preparing_fails_that_case(tmp_path: Path) -> None:
+    import torch
+
+    make_cohort(tmp_path / "in", 3)
+    family = Hooked()
+
+    def prepare(case_id: str) -> None:
+        if case_id == "case01":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    family.on_prepare = prepare
+    result = segmenter(Recorder(), family).run(tmp_path / "in", tmp_path / "out")
+    assert [c.case_id for c in result.cases] == ["case00", "case02"]
+    assert [(f.case_id, f.error) for f in result.failures] == [("case01", "DeviceError")]
+    assert "--device cpu" in result.failures[0].message and "\n" not in result.failures[0].message

@@ -187,9 +187,17 @@ class Segmenter:
         warnings: list[str] = []
         started = time.perf_counter()
         net = self.load()
+        import torch
+
         with _host_memory(loaded):
-            prepared = self.family.prepare_case(loaded, self.tasks, net, settings=self.settings, device=self.device,
-                                                warn=lambda _case_id, message: warnings.append(message))
+            try:
+                prepared = self.family.prepare_case(loaded, self.tasks, net, settings=self.settings,
+                                                    device=self.device,
+                                                    warn=lambda _case_id, message: warnings.append(message))
+            except torch.OutOfMemoryError:
+                raise DeviceError(f"out of memory on {self.device} while preparing '{loaded.case.case_id}' for the "
+                                  "network; expected the scan to fit beside the case in the network. Run with "
+                                  "--device cpu, or on a GPU with more memory.") from None
         timings = dict(timings or {}, prepare=time.perf_counter() - started)
         return StagedCase(loaded, prepared, warnings=warnings, timings=timings)
 
@@ -207,9 +215,16 @@ class Segmenter:
 
     def finish_case(self, staged: "StagedCase") -> Segmentation:
         """Restore a case to the scan's grid (any thread) -> its Segmentation."""
+        import torch
+
         started = time.perf_counter()
         with _host_memory(staged.loaded):
-            label_maps = self.family.finish_case(staged.prepared, staged.raw)
+            try:
+                label_maps = self.family.finish_case(staged.prepared, staged.raw)
+            except torch.OutOfMemoryError:  # the GPU also holds the next case's windows: restore on the host
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                label_maps = self.family.finish_case(staged.prepared, _on_host(staged.raw))
         staged.prepared = staged.raw = None  # the network-grid arrays go now, not with the result
         timings = dict(staged.timings, finish=time.perf_counter() - started)
         timings["predict"] = timings["prepare"] + timings["network"] + timings["finish"]
@@ -276,6 +291,13 @@ class StagedCase:
     raw: Any = None  # the family's infer_case output
     warnings: list[str] = field(default_factory=list)  # input warnings, sent by infer_case
     timings: dict[str, float] = field(default_factory=dict)  # seconds: read, prepare, network, finish
+
+
+def _on_host(raw: Any) -> Any:
+    """``raw`` with every torch tensor in it (nested lists and tuples) moved to the CPU."""
+    if isinstance(raw, (list, tuple)):
+        return type(raw)(_on_host(item) for item in raw)
+    return raw.cpu() if hasattr(raw, "cpu") else raw
 
 
 @contextmanager
