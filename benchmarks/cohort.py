@@ -132,6 +132,15 @@ def network_seconds(events: list[dict[str, Any]]) -> float | None:
     return sum(e["timings"]["network"] for e in done)
 
 
+def stage_seconds(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds per stage summed over every case_done event (read, prepare, network, finish, write)."""
+    sums: dict[str, float] = {}
+    for event in events:
+        for stage, seconds in event.get("timings", {}).items() if event["event"] == "case_done" else ():
+            sums[stage] = sums.get(stage, 0.0) + seconds
+    return {stage: round(seconds, 2) for stage, seconds in sums.items()}
+
+
 def contestants(folder: Path, cohort: Path, nnunet_inputs: Path, out: Path,
                 seen: dict[str, list[dict[str, Any]]]) -> dict[str, Callable[[], None]]:
     """name -> one timed run into a fresh output folder; uniseg's JSON events go to ``seen``."""
@@ -217,11 +226,13 @@ def report(args: Any, machine: dict[str, Any], count: int, sizes: list[tuple[int
                          f"{100 * busy[name]:.0f} %" if name in busy else "-"] for name in seconds])
     print(f"network busy inside the run (from run_started to run_finished): "
           + ", ".join(f"{name} {100 * share:.0f} %" for name, share in in_run.items()))
+    print(f"seconds per stage, all cases, one call: {stage_seconds(seen['one'])}")
     print(f"voxels equal to nnU-Net's (default float32 mode): {100 * equal:.2f} %")
     ratio = per_hour[one] / nnunet
     common.write_result(common.result_name("cohort", args, "small" if args.small else None), {
         "machine": machine, "cases": count, "crop_voxels": sizes, "repeat": args.repeat, "seconds": times,
         "cases_per_hour": per_hour, "network_busy": busy, "network_busy_in_run": in_run,
+        "stage_seconds": {name: stage_seconds(seen[key]) for name, key in keys.items()},
         "ratio_vs_nnunet": ratio, "voxels_equal": equal, "benchmark_seconds": total_s,
         "targets": {"throughput_vs_nnunet >= 1": common.verdict(ratio >= 1.0),
                     "network_busy >= 0.9": common.verdict(busy[one] >= 0.9)}})
