@@ -47,6 +47,7 @@ bench: venv
 	$(BENCH) benchmarks/memory.py $(BENCH_ARGS)
 	$(BENCH) benchmarks/many_classes.py
 	$(BENCH) benchmarks/workers.py
+	$(BENCH) benchmarks/cohort.py
 
 # The same comparisons at toy sizes (each under 3 minutes on 2 CPU cores); the last line of
 # each is its headline.

@@ -67,7 +67,10 @@ def test_predict_in_memory_equals_the_cli_files_and_loads_once(tmp_path: Path, d
     assert from_image.masks["liver"].any()
     assert from_image.statistics["structures"]["liver"]["volume_ml"] > 0
     assert from_image.label_map.shape == image.shape and from_image.labels == {1: "liver", 2: "spleen"}
-    assert set(from_image.timings) == {"read", "predict"}
+    # uniseg runs in stages: their seconds, and predict = their sum
+    assert set(from_image.timings) == {"read", "prepare", "network", "finish", "predict"}
+    stages = from_image.timings["prepare"] + from_image.timings["network"] + from_image.timings["finish"]
+    assert from_image.timings["predict"] == stages
 
 
 def test_segmentation_save_writes_what_the_cli_writes(tmp_path: Path, threshold_net) -> None:

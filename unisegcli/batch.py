@@ -2,8 +2,10 @@
 
 Order of work: the inputs, the shard and the output folder are checked before the weights are
 loaded; a single case is also read before, so a bad scan fails fast with its own exit code.
-Cases then run read -> predict (all tasks of a case in one pass) -> write, while the next
-case is read on a background thread. One case writes into ``OUT/``; several into
+Cases then run read -> predict (all tasks of a case in one pass) -> write; with a family that
+runs in stages, reading and preparing the next cases and restoring and writing the previous
+ones overlap with the network (``staged_batch``), else the next case is read on a background
+thread meanwhile. One case writes into ``OUT/``; several into
 ``OUT/<case_id>/``. In a batch, a failing case is logged to ``OUT/failures.jsonl`` and the
 others go on; a single case raises its error.
 """
@@ -130,7 +132,9 @@ def _marker_record(model: str, version: str, tasks: list[str], options: dict[str
 
 def _run_cases(segmenter: "Segmenter", todo: Sequence[Planned], first: LoadedCase | None,
                series_uid: str | None, cohort_folder: Path | None, result: Result) -> None:
-    """Run each case; the next case is read on a background thread meanwhile."""
+    """Run each case: in overlapping stages (``staged_batch``) when the Segmenter offers them and
+    there are several cases; else one after the other, the next case read on a background
+    thread meanwhile (a single case raises its error)."""
     if not todo:
         return
     events = segmenter.events
@@ -138,7 +142,15 @@ def _run_cases(segmenter: "Segmenter", todo: Sequence[Planned], first: LoadedCas
     def load(case: CaseInput) -> LoadedCase:
         if first is not None and first.case == case:
             return first
-        return read_case(case, series_uid, dicom_channels(segmenter.tasks))
+        loaded = read_case(case, series_uid, dicom_channels(segmenter.tasks))
+        check_dicom_output(segmenter.outputs.output_type, loaded.dicom)  # before any work on the case
+        return loaded
+
+    if cohort_folder is not None and len(todo) > 1 and getattr(segmenter, "staged", False):
+        from unisegcli.staged_batch import StagedBatch
+
+        StagedBatch(segmenter, todo, load, cohort_folder, result).run()
+        return
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="uniseg-read") as pool:
         pending: Future[LoadedCase] = pool.submit(load, todo[0].case)

@@ -17,6 +17,7 @@ from unisegcli.outputs.dicom_out import check_dicom_output
 from unisegcli.results import CaseFailure, CaseResult, Result
 
 if TYPE_CHECKING:
+    from unisegcli.results import Segmentation
     from unisegcli.session import Segmenter
 
 
@@ -31,20 +32,37 @@ class Planned:
 
 def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
              cohort_folder: Path | None) -> CaseResult:
-    """Predict and write one case (all-or-nothing), then mark it done.
-
-    Stale state of an earlier run of the case goes: its staged temp files (a run killed with
-    -9 leaves them) and the files its marker listed that this run does not write (masks of
-    tasks no longer requested). If the marker itself cannot be written, this run's files are
-    removed again: a case is complete with its marker, or absent.
-    """
+    """Predict and write one case (all-or-nothing), then mark it done (``begin_case``, the
+    Segmenter's ``segment_case``, ``write_case``)."""
     started = time.perf_counter()
     check_dicom_output(segmenter.outputs.output_type, loaded.dicom)  # before any work on the case
+    previous = begin_case(segmenter, planned)
+    segmentation = segmenter.segment_case(loaded)
+    return write_case(segmentation, planned, previous, cohort_folder, started=started)
+
+
+def begin_case(segmenter: "Segmenter", planned: Planned) -> set[str]:
+    """Before a case is predicted: its done marker goes (a failure leaves it not done), and so
+    do staged temp files of an earlier run (a run killed with -9 leaves them). Returns the
+    names of the files the marker listed."""
     folder = planned.folder
     previous = markers.written_files(folder)
     markers.clear_marker(folder)
     remove_stale_staged_files(folder, before=segmenter.started)
-    segmentation = segmenter.segment_case(loaded)
+    return previous
+
+
+def write_case(segmentation: "Segmentation", planned: Planned, previous: set[str], cohort_folder: Path | None, *,
+               started: float) -> CaseResult:
+    """Write a predicted case (all-or-nothing), then mark it done.
+
+    Files the earlier marker listed (``previous``) that this run does not write go (masks of
+    tasks no longer requested). If the marker itself cannot be written, this run's files are
+    removed again: a case is complete with its marker, or absent. started: the case's
+    ``time.perf_counter()`` start, for ``CaseResult.seconds``.
+    """
+    folder = planned.folder
+    writing = time.perf_counter()
     written = segmentation.save(folder, cohort_folder=cohort_folder)
     for name in previous - {p.name for p in written.files}:
         (folder / name).unlink(missing_ok=True)
@@ -54,10 +72,11 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
         for path in written.files:
             path.unlink(missing_ok=True)
         raise
+    loaded = segmentation.loaded
     return CaseResult(
         case_id=loaded.case.case_id,
         input_path=loaded.case.path,
-        output_dir=planned.folder,
+        output_dir=folder,
         masks=dict(written.masks),
         volumes_ml=dict(written.volumes_ml),
         seconds=time.perf_counter() - started,
@@ -65,6 +84,7 @@ def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
         flags={k: list(v) for k, v in (written.flagged or {}).items()},
         compare=dict(written.compare),
         input_series=[c.as_dict() for c in loaded.dicom.choices] if loaded.dicom is not None else [],
+        timings=dict(segmentation.timings, write=time.perf_counter() - writing),
     )
 
 

@@ -38,7 +38,8 @@ class Segmentation:
     label_maps: dict[str, np.ndarray]
     outputs: "OutputOptions"
     warnings: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: read, predict
+    # seconds: read, predict (= prepare + network + finish for a family that runs in stages)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def case_id(self) -> str:
@@ -142,6 +143,7 @@ class CaseResult:
     flags: dict[str, list[str]] = field(default_factory=dict)  # structure -> QC flags raised (outputs.qc)
     compare: dict[str, Any] = field(default_factory=dict)  # --compare: structure -> model pairs (Dice, volumes)
     input_series: list[dict[str, Any]] = field(default_factory=list)  # DICOM series chosen from a study, and why
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: read, prepare, network, finish, write
 
 
 @dataclass

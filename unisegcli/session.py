@@ -11,18 +11,23 @@ precision) is checked in ``__init__``; the weights load on first use (``load()``
 run checks its inputs and output folder first. ``close()`` frees the network and restores the
 torch settings the Segmenter changed (CPU threads).
 
-On a CUDA out-of-memory (``torch.OutOfMemoryError``) a case is predicted again with the
-accumulators in host memory, then with one window per forward, and only then fails with a
-``DeviceError`` that names ``--device cpu`` (nnU-Net's predictor retries on the CPU the same
-way); ``Events.case_retry`` reports each retry.
+For a family that runs in stages, ``segment_case`` is ``prepare_case`` (CPU, any thread) ->
+``infer_case`` (the network) -> ``finish_case`` (CPU, any thread); a batch overlaps them across
+cases (``unisegcli.staged_batch``). Each stage's seconds go to ``Segmentation.timings``.
+
+On a CUDA out-of-memory (``torch.OutOfMemoryError``) a case is predicted again (only its
+network stage, for a staged family) with the accumulators in host memory, then with one window
+per forward, and only then fails with a ``DeviceError`` that names ``--device cpu`` (nnU-Net's
+predictor retries on the CPU the same way); ``Events.case_retry`` reports each retry.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO, TypeVar
 
 from unisegcli.errors import DeviceError, HostMemoryError
 from unisegcli.events import Events
@@ -37,6 +42,8 @@ if TYPE_CHECKING:
 
     from unisegcli.io.cases import LoadedCase
     from unisegcli.workers import WorkerSpec
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -149,7 +156,10 @@ class Segmenter:
         return self.segment_case(loaded, timings={"read": read_s})
 
     def segment_case(self, loaded: "LoadedCase", *, timings: dict[str, float] | None = None) -> Segmentation:
-        """Predict every task of an already read case (the batch run's per-case step)."""
+        """Predict every task of an already read case (the batch run's per-case step): the three
+        stages in turn for a staged family, else the family's ``predict``."""
+        if self.staged:
+            return self.finish_case(self.infer_case(self.prepare_case(loaded, timings=timings)))
         warnings: list[str] = []
 
         def warn(case_id: str, message: str) -> None:
@@ -157,9 +167,68 @@ class Segmenter:
             self.events.warning(case_id, message)
 
         started = time.perf_counter()
-        label_maps = self._predict_with_fallback(loaded, warn)
+        net = self.load()
+        label_maps = self._with_fallback(loaded, lambda settings, first: self.family.predict(
+            loaded, self.tasks, net, settings=settings, device=self.device, progress=self.events.windows,
+            warn=warn if first else None))
         timings = dict(timings or {}, predict=time.perf_counter() - started)
         return Segmentation(loaded, tuple(self.tasks), label_maps, self.outputs, warnings, timings)
+
+    # -- the stages of segment_case (a batch overlaps them across cases: staged_batch) -------
+
+    @property
+    def staged(self) -> bool:
+        """Whether the family runs in stages (``prepare_case``/``infer_case``/``finish_case``)."""
+        return self.family.staged
+
+    def prepare_case(self, loaded: "LoadedCase", *, timings: dict[str, float] | None = None) -> "StagedCase":
+        """CPU work before the network (any thread). Input warnings are kept for ``infer_case``
+        to send, so events stay on the caller's thread and in case order."""
+        warnings: list[str] = []
+        started = time.perf_counter()
+        net = self.load()
+        import torch
+
+        with _host_memory(loaded):
+            try:
+                prepared = self.family.prepare_case(loaded, self.tasks, net, settings=self.settings,
+                                                    device=self.device,
+                                                    warn=lambda _case_id, message: warnings.append(message))
+            except torch.OutOfMemoryError:
+                raise DeviceError(f"out of memory on {self.device} while preparing '{loaded.case.case_id}' for the "
+                                  "network; expected the scan to fit beside the case in the network. Run with "
+                                  "--device cpu, or on a GPU with more memory.") from None
+        timings = dict(timings or {}, prepare=time.perf_counter() - started)
+        return StagedCase(loaded, prepared, warnings=warnings, timings=timings)
+
+    def infer_case(self, staged: "StagedCase") -> "StagedCase":
+        """The network on a prepared case (the out-of-memory ladder retries this stage only);
+        ``timings["network"]`` is its wall time in seconds."""
+        for message in staged.warnings:
+            self.events.warning(staged.loaded.case.case_id, message)
+        started = time.perf_counter()
+        net = self.load()
+        staged.raw = self._with_fallback(staged.loaded, lambda settings, _first: self.family.infer_case(
+            staged.prepared, net, settings=settings, device=self.device, progress=self.events.windows))
+        staged.timings["network"] = time.perf_counter() - started
+        return staged
+
+    def finish_case(self, staged: "StagedCase") -> Segmentation:
+        """Restore a case to the scan's grid (any thread) -> its Segmentation."""
+        import torch
+
+        started = time.perf_counter()
+        with _host_memory(staged.loaded):
+            try:
+                label_maps = self.family.finish_case(staged.prepared, staged.raw)
+            except torch.OutOfMemoryError:  # the GPU also holds the next case's windows: restore on the host
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                label_maps = self.family.finish_case(staged.prepared, _on_host(staged.raw))
+        staged.prepared = staged.raw = None  # the network-grid arrays go now, not with the result
+        timings = dict(staged.timings, finish=time.perf_counter() - started)
+        timings["predict"] = timings["prepare"] + timings["network"] + timings["finish"]
+        return Segmentation(staged.loaded, tuple(self.tasks), label_maps, self.outputs, staged.warnings, timings)
 
     def run(self, inputs: Iterable[str | Path] | str | Path, output: str | Path, *,
             input_list: str | Path | None = None, channels: Sequence[str] = (), series_uid: str | None = None,
@@ -187,15 +256,15 @@ class Segmenter:
             record[name] = list(value) if isinstance(value, tuple) else value
         return record
 
-    def _predict_with_fallback(self, loaded: "LoadedCase", warn: Any) -> dict[str, Any]:
+    def _with_fallback(self, loaded: "LoadedCase", call: Callable[[RunSettings, bool], T]) -> T:
+        """call(settings, first_attempt) down the out-of-memory ladder (``fallback_settings``)."""
         import torch
 
-        net = self.load()
         ladder = fallback_settings(self.settings, self.device)
         for attempt, (reason, settings) in enumerate(ladder):
             try:
-                return self.family.predict(loaded, self.tasks, net, settings=settings, device=self.device,
-                                           progress=self.events.windows, warn=warn if attempt == 0 else None)
+                with _host_memory(loaded):
+                    return call(settings, attempt == 0)
             except torch.OutOfMemoryError:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -205,16 +274,41 @@ class Segmenter:
                                            f"out of memory on {self.device}; retrying with {following}")
                     continue
                 raise DeviceError(self._oom_message(loaded, ladder)) from None
-            except MemoryError:
-                raise HostMemoryError(f"out of host memory while segmenting '{loaded.case.case_id}' "
-                                  f"({loaded.scan.data.shape[1:]} voxels); expected the scan to fit. Run on a "
-                                  "machine with more memory.") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _oom_message(self, loaded: "LoadedCase", ladder: Sequence[tuple[str | None, RunSettings]]) -> str:
         tried = ", then ".join(r for r, _ in ladder[1:] if r) or "no lighter setting left"
         return (f"out of memory on {self.device} while segmenting '{loaded.case.case_id}' (tried {tried}); "
                 "expected the windows to fit. Run with --device cpu, or on a GPU with more memory.")
+
+
+@dataclass
+class StagedCase:
+    """A case between the stages of ``Segmenter``: prepared (CPU), then its network outputs."""
+
+    loaded: "LoadedCase"
+    prepared: Any  # the family's prepare_case output (None once finished)
+    raw: Any = None  # the family's infer_case output
+    warnings: list[str] = field(default_factory=list)  # input warnings, sent by infer_case
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: read, prepare, network, finish
+
+
+def _on_host(raw: Any) -> Any:
+    """``raw`` with every torch tensor in it (nested lists and tuples) moved to the CPU."""
+    if isinstance(raw, (list, tuple)):
+        return type(raw)(_on_host(item) for item in raw)
+    return raw.cpu() if hasattr(raw, "cpu") else raw
+
+
+@contextmanager
+def _host_memory(loaded: "LoadedCase") -> Iterator[None]:
+    """A MemoryError while segmenting as HostMemoryError (one case fails, not the batch)."""
+    try:
+        yield
+    except MemoryError:
+        raise HostMemoryError(f"out of host memory while segmenting '{loaded.case.case_id}' "
+                              f"({loaded.scan.data.shape[1:]} voxels); expected the scan to fit. Run on a "
+                              "machine with more memory.") from None
 
 
 def fallback_settings(settings: RunSettings, device: "torch.device") -> list[tuple[str | None, RunSettings]]:

@@ -131,8 +131,8 @@ class RunReporter(Events):
                  outputs={k: str(v) for k, v in result.masks.items()},
                  files=[str(p) for p in result.files],
                  volumes_ml={k: round(v, 3) for k, v in result.volumes_ml.items()},
-                 seconds=round(result.seconds, 3), flags=result.flags, input_series=result.input_series,
-                 **_worker_fields(result.worker), **({"compare": result.compare} if result.compare else {}))
+                 seconds=round(result.seconds, 3), timings={k: round(v, 3) for k, v in result.timings.items()},
+                 flags=result.flags, input_series=result.input_series, **_worker_fields(result.worker), **({"compare": result.compare} if result.compare else {}))
         elif not console.state.quiet and result.input_series:  # which DICOM series was taken, and why
             from rich.markup import escape
 

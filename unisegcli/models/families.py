@@ -14,6 +14,13 @@ A family is a folder under ``models/`` whose ``family.py`` defines ``FAMILY``, a
 and implements ``load`` (build the network on the CPU, eval mode) and ``predict`` (one case in,
 one uint8 [Z, Y, X] label map per task out, in the scan's own grid). ``resolve_tasks``,
 ``task_table``, ``needed_roles``, ``card_from_spec``, ``check`` and ``prepare`` have defaults.
+
+A family may also split ``predict`` into three stages, so a batch overlaps the CPU work of
+other cases with the network (``unisegcli.staged_batch``): ``prepare_case`` (CPU: channels,
+input warnings, crop, resample, normalise; must not change the network), ``infer_case`` (the
+network, on the main thread; the out-of-memory ladder retries only this stage) and
+``finish_case`` (CPU: restore to the scan's grid). Such a family need not implement
+``predict``: the default composes the stages. ``staged`` says whether a family has them.
 """
 
 from __future__ import annotations
@@ -98,13 +105,42 @@ class ModelFamily(ABC):
              tasks: Sequence["TaskCard"]) -> Any:
         """Build the network on the CPU in eval mode. files: {role: cached path}."""
 
-    @abstractmethod
     def predict(self, loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
                 device: "torch.device", progress: Progress | None = None,
                 warn: Warn | None = None) -> dict[str, "np.ndarray"]:
         """{task name: uint8 [Z, Y, X] label map} of one case in the scan's grid (0 background,
         1..n the card's labels). progress(done, total) counts windows; warn(case_id, message)
-        receives input warnings."""
+        receives input warnings. Default: the three stages in turn (a family without them
+        must implement ``predict``)."""
+        if not self.staged:
+            raise NotImplementedError(f"model family '{self.name}' implements neither predict nor its stages")
+        prepared = self.prepare_case(loaded, tasks, net, settings=settings, device=device, warn=warn)
+        raw = self.infer_case(prepared, net, settings=settings, device=device, progress=progress)
+        return self.finish_case(prepared, raw)
+
+    # -- optional stages (see the module docstring) ------------------------------------------
+
+    @property
+    def staged(self) -> bool:
+        """Whether this family implements ``prepare_case``, ``infer_case`` and ``finish_case``."""
+        stages = ("prepare_case", "infer_case", "finish_case")
+        return all(getattr(type(self), n) is not getattr(ModelFamily, n) for n in stages)
+
+    def prepare_case(self, loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
+                     device: "torch.device", warn: Warn | None = None) -> Any:
+        """CPU work before the network: the case in the network's grid (family-defined). Runs on
+        a background thread in a batch: reads ``net`` (its patch size) but never changes it."""
+        raise NotImplementedError
+
+    def infer_case(self, prepared: Any, net: Any, *, settings: RunSettings, device: "torch.device",
+                   progress: Progress | None = None) -> Any:
+        """The network on ``prepare_case``'s output -> raw outputs (family-defined), e.g.
+        blended probabilities in the network grid. Must leave ``prepared`` reusable (a retry)."""
+        raise NotImplementedError
+
+    def finish_case(self, prepared: Any, raw: Any) -> dict[str, "np.ndarray"]:
+        """Raw outputs -> {task name: uint8 [Z, Y, X] label map} in the scan's grid (CPU work)."""
+        raise NotImplementedError
 
     def resolve_tasks(self, card: "ModelCard", names: str | Sequence[str]) -> tuple["TaskCard", ...]:
         """Map the user's --tasks to cards."""

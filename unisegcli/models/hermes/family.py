@@ -15,11 +15,13 @@ null token), ``default`` (this dataset answers the bare structure name), ``resam
 
 Blending: plain mean of sigmoid probabilities over windows (``--gaussian`` switches to the
 engine's Gaussian); threshold 0.5 per structure; ``--step`` does not apply (Hermes' windows
-always overlap by half).
+always overlap by half). Runs in three stages (``prepare_case``, ``infer_case``, ``finish_case``)
+that a batch overlaps across cases.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -122,54 +124,86 @@ def token_list(task: "TaskCard") -> list[int]:
     return [int(i) for i in task.extra["dataset_indices"]] + [NULL_TOKEN]
 
 
-def predict(
-    loaded: "LoadedCase",
-    tasks: Sequence["TaskCard"],
-    net: Any,
-    *,
-    settings: RunSettings,
-    device: "torch.device",
-    progress: Any = None,
-    warn: Any = None,
-) -> dict[str, np.ndarray]:
-    """{task name: uint8 [Z, Y, X] 0/1 map} for one case, one sliding-window pass per dataset."""
-    import torch
+@dataclass
+class PreparedDataset:
+    """One dataset's tasks and the scan in the network grid (``preprocessing.preprocess``)."""
 
+    tasks: list["TaskCard"]
+    volume: "torch.Tensor"  # float32 [Z, Y, X] on the device
+    grid: Any  # what ``restore`` undoes
+
+
+def prepare_case(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
+                 device: "torch.device", warn: Any = None) -> tuple[list[str], list[PreparedDataset]]:
+    """CPU stage: the task names in request order and, per dataset, the preprocessed scan."""
     from unisegcli.io.cases import task_channels
-    from unisegcli.models.hermes.inference import predict_volume
-    from unisegcli.models.hermes.preprocessing import preprocess, restore
-    from unisegcli.models.families import share_progress, warn_about_input
+    from unisegcli.models.families import warn_about_input
+    from unisegcli.models.hermes.preprocessing import preprocess
 
     window = tuple(getattr(net, "window_zyx", DEFAULT_WINDOW))
-    if isinstance(net, torch.nn.Module):
-        net.to(device).eval()
-    groups = dataset_groups(tasks)
-    label_maps: dict[str, np.ndarray] = {}
-    for number, group in enumerate(groups):
+    prepared = []
+    for group in dataset_groups(tasks):
         first = group[0]
         image = task_channels(loaded, first)
         warn_about_input(warn, loaded, image, [first], window)
         volume, grid = preprocess(image[0], loaded.scan.spacing_mm, first, device, min_size=window)
+        prepared.append(PreparedDataset(group, volume, grid))
+    return [t.name for t in tasks], prepared
+
+
+def infer_case(prepared: tuple[list[str], list[PreparedDataset]], net: Any, *, settings: RunSettings,
+               device: "torch.device", progress: Any = None) -> list["torch.Tensor"]:
+    """Network stage: one sliding-window pass per dataset -> its kept channels' probabilities."""
+    import torch
+
+    from unisegcli.models.families import share_progress
+    from unisegcli.models.hermes.inference import predict_volume
+
+    window = tuple(getattr(net, "window_zyx", DEFAULT_WINDOW))
+    if isinstance(net, torch.nn.Module):
+        net.to(device).eval()
+    datasets = prepared[1]
+    outputs = []
+    for number, dataset in enumerate(datasets):
+        first = dataset.tasks[0]
         tokens = token_list(first)
-        keep = [tokens.index(int(task.index)) for task in group]
         modality = modality_id(first, settings)
-        probabilities = predict_volume(
-            volume, net, tokens, modality,
+        outputs.append(predict_volume(
+            dataset.volume, net, tokens, modality,
             window=window,
             batch_size=_batch_size(net, tokens, modality, window, settings, device),
             gaussian=bool(settings.option("gaussian")),
             tta=settings.tta,
             precision=settings.precision,
-            progress=share_progress(progress, number, len(groups)),
-            keep=keep,
+            progress=share_progress(progress, number, len(datasets)),
+            keep=[tokens.index(int(task.index)) for task in dataset.tasks],
             accumulator_device=settings.accumulator_device,
-        )
-        del volume
-        for channel, task in enumerate(group):
-            probs = restore(probabilities[channel:channel + 1], grid)[0]
+        ))
+    return outputs
+
+
+def finish_case(prepared: tuple[list[str], list[PreparedDataset]], raw: list["torch.Tensor"]
+                ) -> dict[str, np.ndarray]:
+    """Restore stage: {task name: uint8 [Z, Y, X] 0/1 map} (sigmoid >= 0.5), in request order."""
+    import torch
+
+    from unisegcli.models.hermes.preprocessing import restore
+
+    names, datasets = prepared
+    label_maps: dict[str, np.ndarray] = {}
+    for dataset, probabilities in zip(datasets, raw):
+        for channel, task in enumerate(dataset.tasks):
+            probs = restore(probabilities[channel:channel + 1], dataset.grid)[0]
             label_maps[task.name] = (probs >= THRESHOLD).to(torch.uint8).cpu().numpy()
-        del probabilities
-    return {task.name: label_maps[task.name] for task in tasks}
+    return {name: label_maps[name] for name in names}
+
+
+def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
+            device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
+    """{task name: uint8 [Z, Y, X] 0/1 map} for one case, one sliding-window pass per dataset
+    (the three stages in turn)."""
+    prepared = prepare_case(loaded, tasks, net, settings=settings, device=device, warn=warn)
+    return finish_case(prepared, infer_case(prepared, net, settings=settings, device=device, progress=progress))
 
 
 def _batch_size(net: Any, tokens: Sequence[int], modality: int, window: Sequence[int],
@@ -194,7 +228,9 @@ class HermesFamily(ModelFamily):
     engine_options = frozenset({"tta", "batch_size", "precision"})
 
     load = staticmethod(load)  # type: ignore[assignment]
-    predict = staticmethod(predict)  # type: ignore[assignment]
+    prepare_case = staticmethod(prepare_case)  # type: ignore[assignment]
+    infer_case = staticmethod(infer_case)  # type: ignore[assignment]
+    finish_case = staticmethod(finish_case)  # type: ignore[assignment]
     resolve_tasks = staticmethod(resolve_tasks)  # type: ignore[assignment]
     task_table = staticmethod(task_table)  # type: ignore[assignment]
     check = staticmethod(check)  # type: ignore[assignment]

@@ -14,7 +14,8 @@ Cards:
 
 Running: per part, nnU-Net v2 preprocessing (``pipeline``), our sliding window on the
 logits (``--folds`` averaged; ``--nnunet-exact``: float16 accumulation, nnU-Net bit for bit;
-default float32), nnU-Net's export, then one 0/1 map per requested structure.
+default float32), nnU-Net's export, then one 0/1 map per requested structure; as three stages
+(``prepare_case``, ``infer_case``, ``finish_case``) that a batch overlaps across cases.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from unisegcli.weights.cards import ModelCard, TaskCard
     from unisegcli.models.nnunet.folder import ResultsFolder
     from unisegcli.models.nnunet.network import Fold
+    from unisegcli.models.nnunet.pipeline import Prepared
 
 SPEC_PREFIX = "nnunet:"
 PART_ROLE = "part:"
@@ -191,23 +193,40 @@ def _blend(volume: "torch.Tensor", net: Any, patch: Sequence[int], two_d: bool, 
     return torch.cat(slices, dim=1)
 
 
-def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settings: "RunSettings",
-             device: "torch.device", progress: Any = None,
-             ) -> tuple["torch.Tensor", Any]:
-    """Preprocess, sliding window (folds averaged) -> (logits [K, z, y, x], Prepared)."""
+@dataclass
+class PreparedPart:
+    """One part's share of a case, preprocessed: its tasks and the case in its network grid."""
+
+    key: str
+    tasks: list["TaskCard"]
+    folder: "ResultsFolder"
+    case: "Prepared"
+    scan: Any  # the case's Scan (export goes back to its grid)
+
+
+def prepare_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settings: "RunSettings",
+                 device: "torch.device") -> "Prepared":
+    """nnU-Net v2 preprocessing of one part's input channels (CPU stage)."""
     import torch
 
-    from unisegcli.models.nnunet.network import FoldAverage, SliceNetwork
     from unisegcli.models.nnunet.pipeline import preprocess_case
+
+    exact = bool(settings.option("nnunet_exact"))
+    # float64 resampling = scipy's numbers (nnU-Net resamples in float64); float32 is within 1e-5
+    return preprocess_case(image, loaded.scan.spacing_mm, loaded.scan, part.folder, device,
+                           compute_dtype=torch.float64 if exact else None)
+
+
+def infer_part(part: PartModel, prepared: "Prepared", *, settings: "RunSettings", device: "torch.device",
+               progress: Any = None) -> "torch.Tensor":
+    """Sliding window (folds averaged) on a prepared case -> logits [K, z, y, x] (network stage)."""
+    from unisegcli.models.nnunet.network import FoldAverage, SliceNetwork
 
     if part.device != str(device):
         for fold in part.folds:
             fold.network.to(device)
         part.device = str(device)
     exact = bool(settings.option("nnunet_exact"))
-    # float64 resampling = scipy's numbers (nnU-Net resamples in float64); float32 is within 1e-5
-    prepared = preprocess_case(image, loaded.scan.spacing_mm, loaded.scan, part.folder, device,
-                               compute_dtype=torch.float64 if exact else None)
     patch = [int(p) for p in part.folder.configuration["patch_size"]]
     predictors = [f.network for f in part.folds]
     two_d = len(patch) == 2
@@ -237,28 +256,50 @@ def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settin
         logits = logits / len(runs)
     if not exact:
         logits = logits.float()
-    return logits, prepared
+    return logits
 
 
-def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: NnunetModel, *, settings: "RunSettings",
-            device: "torch.device", progress: Any = None, warn: Any = None) -> Mapping[str, np.ndarray]:
-    """{task name: uint8 [Z, Y, X] 0/1 map} for one case (``StructureMaps``: each map is made
-    when it is read); each needed part runs once."""
+def run_part(part: PartModel, image: np.ndarray, loaded: "LoadedCase", *, settings: "RunSettings",
+             device: "torch.device", progress: Any = None) -> tuple["torch.Tensor", "Prepared"]:
+    """Preprocess, sliding window (folds averaged) -> (logits [K, z, y, x], Prepared)."""
+    prepared = prepare_part(part, image, loaded, settings=settings, device=device)
+    return infer_part(part, prepared, settings=settings, device=device, progress=progress), prepared
+
+
+def prepare_case(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: NnunetModel, *, settings: "RunSettings",
+                 device: "torch.device", warn: Any = None) -> list[PreparedPart]:
+    """CPU stage: each needed part's input preprocessed (parts in key order)."""
     from unisegcli.io.cases import task_channels
-    from unisegcli.models.nnunet.folder import Label
-    from unisegcli.models.nnunet.pipeline import StructureMaps, export_segmentation
 
     by_part: dict[str, list["TaskCard"]] = {}
     for task in tasks:
         by_part.setdefault(_part(task), []).append(task)
+    prepared = []
+    for key, group in sorted(by_part.items()):
+        part = net.parts[key]
+        case = prepare_part(part, task_channels(loaded, group[0]), loaded, settings=settings, device=device)
+        prepared.append(PreparedPart(key, group, part.folder, case, loaded.scan))
+    return prepared
+
+
+def infer_case(prepared: list[PreparedPart], net: NnunetModel, *, settings: "RunSettings", device: "torch.device",
+               progress: Any = None) -> list["torch.Tensor"]:
+    """Network stage: each part's logits [K, z, y, x], in ``prepared``'s order."""
+    return [infer_part(net.parts[p.key], p.case, settings=settings, device=device,
+                       progress=share_progress(progress, number, len(prepared)))
+            for number, p in enumerate(prepared)]
+
+
+def finish_case(prepared: list[PreparedPart], raw: list["torch.Tensor"]) -> Mapping[str, np.ndarray]:
+    """Export stage: nnU-Net's export per part, then {task name: uint8 [Z, Y, X] 0/1 map}
+    (``StructureMaps``: each map is made when it is read, never all at once)."""
+    from unisegcli.models.nnunet.folder import Label
+    from unisegcli.models.nnunet.pipeline import StructureMaps, export_segmentation
+
     maps = StructureMaps()
-    for number, (part_key, group) in enumerate(sorted(by_part.items())):
-        part = net.parts[part_key]
-        image = task_channels(loaded, group[0])
-        logits, prepared = run_part(part, image, loaded, settings=settings, device=device,
-                                    progress=share_progress(progress, number, len(by_part)))
-        labels = export_segmentation(logits, prepared, part.folder, loaded.scan)
-        for task in group:
+    for part, logits in zip(prepared, raw):
+        labels = export_segmentation(logits, part.case, part.folder, part.scan)
+        for task in part.tasks:
             region = task.extra.get("region")
             label = Label(task.name, int(task.extra["label"]), tuple(region) if region else None)
             maps.add(task.name, labels, label)
@@ -276,7 +317,9 @@ class NnunetFamily(ModelFamily):
     )
 
     load = staticmethod(load)  # type: ignore[assignment]
-    predict = staticmethod(predict)  # type: ignore[assignment]
+    prepare_case = staticmethod(prepare_case)  # type: ignore[assignment]
+    infer_case = staticmethod(infer_case)  # type: ignore[assignment]
+    finish_case = staticmethod(finish_case)  # type: ignore[assignment]
     task_table = staticmethod(task_table)  # type: ignore[assignment]
     needed_roles = staticmethod(needed_roles)  # type: ignore[assignment]
     card_from_spec = staticmethod(card_from_spec)  # type: ignore[assignment]
