@@ -8,8 +8,9 @@ every view with each checkpoint given (official loader + ``predict_case``, the C
 and prints Dice per structure per view:
 
     .venv/bin/python scripts/evaluate_demo.py                                   # shipped model
-    .venv/bin/python scripts/evaluate_demo.py --checkpoint old=old/model.safetensors \\
-        --checkpoint new=unisegcli/data/models/uniseg-demo/1.0/model.safetensors --json out/eval.json
+    git show 42a6ccc:unisegcli/data/models/uniseg-demo/1.0/model.safetensors > out/demo-1.0.safetensors
+    .venv/bin/python scripts/evaluate_demo.py --checkpoint old=out/demo-1.0.safetensors \\
+        --checkpoint new=unisegcli/data/models/uniseg-demo/1.1/model.safetensors --json out/eval.json
 
 No other scan of this patient exists in the project, so "larger field of view" is simulated by
 surrounding the scan with air (-1024 HU); every view is a deterministic function of the scan

@@ -9,7 +9,7 @@ be seen working offline on real code: the network class is the real ``UniSegNet`
 same prompt mechanism and task indices as the released model and its own small plans.
 
     .venv/bin/python scripts/train_demo.py --out out/uniseg-demo            # try it
-    .venv/bin/python scripts/train_demo.py --out unisegcli/data/models/uniseg-demo/1.0 \\
+    .venv/bin/python scripts/train_demo.py --out unisegcli/data/models/uniseg-demo/1.1 \\
         --update-registry                                                  # ship it
     .venv/bin/python scripts/evaluate_demo.py                              # held-back views
 
