@@ -39,7 +39,7 @@ NOTE = "demo only — trained on one scan, not for research or clinical use"
 REFERENCE_LABELS = {"liver": (5,), "spleen": (1,), "kidney": (2, 3), "pancreas": (7,)}
 # Dice floors on the training scan: model 1.1 reaches 0.954 / 0.948 / 0.841 / 0.963 (1.0, trained
 # without augmentation: 0.975 / 0.974 / 0.947 / 0.979; the floor was 0.80 for every structure).
-MIN_DICE = {"liver": 0.90, "kidney": 0.90, "pancreas": 0.78, "spleen": 0.90}
+MIN_DICE = {"liver": 0.90, "kidney": 0.90, "pancreas": 0.80, "spleen": 0.90}
 MAX_VOLUME_ERROR = 0.10  # 1.1: +1.7 / +4.7 / +3.6 / +3.9 %
 # Dice floors on held-back views (scripts/evaluate_demo.py): what model 1.0 (trained with
 # augmentation) reaches on this machine, minus about 0.05 (other CPUs, torch builds).
