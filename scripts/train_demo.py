@@ -32,7 +32,8 @@ Reproducible: fixed seeds, ``torch.use_deterministic_algorithms(True)``, one thr
 and flush-to-zero for denormals. The same machine, thread count and torch build give the same
 bytes; other CPUs (vector width) may differ in the last bits, hence the Dice tolerance of the
 retraining test. ``--minutes`` stops early by wall clock and is therefore not reproducible.
-About 25 minutes on one core (1,800 steps).
+About 25 CPU minutes on one core (1,800 steps; 47 minutes of wall time on a busy shared
+machine).
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def test_card_note_quotes_the_evaluation_script() -> None:
 def test_retraining_reproduces_the_shipped_dice(tmp_path: Path) -> None:
     """scripts/train_demo.py with its defaults gives the shipped model's Dice within 0.02.
 
-    Slow: the whole training (1800 steps, 25-40 min on one CPU core), so `make test` and CI
+    Slow: the whole training (1800 steps, 25-50 min on one CPU core), so `make test` and CI
     exclude it; run it with `.venv/bin/pytest -m slow tests/test_demo.py`. The same CPU type,
     thread count (1) and torch build give identical bytes; other CPUs may differ in the last
     bits and then train a slightly different network, hence the Dice tolerance.
