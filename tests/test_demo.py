@@ -4,7 +4,9 @@ The end-to-end tests segment tests/data/example_ct.nii.gz, which is THE scan the
 was trained on (scripts/train_demo.py). High Dice and matching volumes there prove that the
 pipeline is right — reorientation, crop, resampling, normalisation, sliding window and the
 restore to the input's geometry, each of which would cost Dice if it were off by a voxel, a
-flip or an intensity scale — not that the model generalises: it has seen one scan.
+flip or an intensity scale — not that the model generalises: it has seen one scan. Views of
+that scan that training never saw (scripts/evaluate_demo.py: a larger field of view, the
+anatomy at 1.25x its size) check that the augmented training made it robust to acquisition.
 
 The reference segmentation (example_ct_seg.nii.gz) is a TotalSegmentator output, Apache-2.0
 (tests/data/LICENSE-NOTE.md); label ids follow TotalSegmentator's ``class_map["total"]``.
@@ -35,13 +37,23 @@ DEMO = "uniseg-demo"
 NOTE = "demo only — trained on one scan, not for research or clinical use"
 # example_ct_seg.nii.gz label ids (TotalSegmentator class_map["total"]) per demo structure
 REFERENCE_LABELS = {"liver": (5,), "spleen": (1,), "kidney": (2, 3), "pancreas": (7,)}
-MIN_DICE = 0.80
-MAX_VOLUME_ERROR = 0.10
+# Dice floors on the training scan: model 1.1 reaches 0.954 / 0.948 / 0.841 / 0.963 (1.0, trained
+# without augmentation: 0.975 / 0.974 / 0.947 / 0.979; the floor was 0.80 for every structure).
+MIN_DICE = {"liver": 0.90, "kidney": 0.90, "pancreas": 0.80, "spleen": 0.90}
+MAX_VOLUME_ERROR = 0.10  # 1.1: +1.7 / +4.7 / +3.6 / +3.9 %
+# Dice floors on held-back views (scripts/evaluate_demo.py): what model 1.0 (trained with
+# augmentation) reaches on this machine, minus about 0.05 (other CPUs, torch builds).
+HELD_BACK_MIN_DICE = {
+    # 1.1 reaches 0.957 / 0.948 / 0.840 / 0.962 here (1.0: 0.797 / 0.611 / 0.460 / 0.411)
+    "larger FOV (+24 vox air in-plane, +6 slices)": {"liver": 0.90, "kidney": 0.90, "pancreas": 0.78, "spleen": 0.90},
+    # 1.1: 0.933 / 0.933 / 0.759 / 0.959 (1.0: 0.876 / 0.728 / 0.224 / 0.649)
+    "anatomy 1.25x (spacing 3.75 mm, same voxels)": {"liver": 0.88, "kidney": 0.88, "pancreas": 0.70, "spleen": 0.90},
+}
 
 
-def load_train_script():
-    """scripts/train_demo.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "scripts" / "train_demo.py")
+def load_script(name: str = "train_demo"):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -68,7 +80,7 @@ def check_scores(predicted: dict[str, np.ndarray]) -> dict[str, tuple[float, flo
         d = dice(predicted[name], mask)
         error = (predicted[name].sum() - mask.sum()) / mask.sum()
         scores[name] = (d, error)
-    failed = {n: s for n, s in scores.items() if s[0] < MIN_DICE or abs(s[1]) > MAX_VOLUME_ERROR}
+    failed = {n: s for n, s in scores.items() if s[0] < MIN_DICE[n] or abs(s[1]) > MAX_VOLUME_ERROR}
     assert not failed, f"(Dice, volume error) below the bar: {failed}; all: {scores}"
     return scores
 
@@ -78,8 +90,9 @@ def check_scores(predicted: dict[str, np.ndarray]) -> dict[str, tuple[float, flo
 
 def test_registry_entry_describes_the_demo_model() -> None:
     card = get_model(DEMO)
-    assert card.family == "uniseg" and card.version == "1.0" and card.packaged
-    assert card.note == NOTE
+    assert card.family == "uniseg" and card.version == "1.1" and card.packaged
+    # the note quotes the held-back evaluation (checked against a rerun by the slow test below)
+    assert card.note.startswith(NOTE) and "scripts/evaluate_demo.py" in card.note
     assert card.source == "trained by scripts/train_demo.py"
     assert "Apache-2.0" in card.license
     # Same prompts as the released model: each demo task uses the released task's index.
@@ -102,7 +115,7 @@ def test_registry_network_is_the_script_plans_and_the_shipped_config() -> None:
 
     card = get_model(DEMO)
     config = UniSegConfig.from_dict(card.network)
-    assert config == load_train_script().DEMO_CONFIG
+    assert config == load_script().DEMO_CONFIG
     shipped = json.loads((model_dir(card) / "config.json").read_text(encoding="utf-8"))
     assert UniSegConfig.from_dict(shipped) == config
     released = UniSegConfig.default()
@@ -170,6 +183,35 @@ def test_predictor_segments_the_training_scan() -> None:
     check_scores({name: labels[name] == 1 for name in REFERENCE_LABELS})
 
 
+def test_predictor_segments_views_training_never_saw() -> None:
+    """The issue-24 failure: model 1.0 without augmentation kept kidney 0.61 and spleen 0.41 on
+    the larger field of view and pancreas 0.22 at 1.25x size. Floors: HELD_BACK_MIN_DICE."""
+    import torch
+
+    from unisegcli.io.nifti import read_scan
+    from unisegcli.models.uniseg import load_uniseg
+    from unisegcli.models.uniseg.predictor import predict_case
+    from unisegcli.weights.cache import find_model_files
+
+    views = load_script("evaluate_demo").views(seed=0)
+    card = get_model(DEMO)
+    net = load_uniseg(find_model_files(card)["checkpoint"])
+    scan, labels = read_scan(CT), np.rint(read_scan(SEG).data[0]).astype(np.int16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_predictor_segments_the_training_scan
+    scores = {}
+    try:
+        for name in HELD_BACK_MIN_DICE:
+            image, truth, spacing = views[name](scan.data[0], labels, scan.spacing_mm)
+            predicted = predict_case(image[None], spacing, card.tasks, net, device="cpu", batch_size=2)
+            scores[name] = {s: dice(predicted[s] == 1, np.isin(truth, ids)) for s, ids in REFERENCE_LABELS.items()}
+    finally:
+        torch.set_num_threads(threads)
+    failed = {(v, s): round(d, 3) for v, floors in HELD_BACK_MIN_DICE.items() for s, d in scores[v].items()
+              if d < floors[s]}
+    assert not failed, f"Dice below the floor: {failed}; all: {scores}"
+
+
 def test_cli_segments_the_training_scan_offline(tmp_path: Path) -> None:
     """`make demo`'s command as a real subprocess, offline, with an empty weights cache: the
     demo needs no download. Masks match the reference and carry the input's exact geometry."""
@@ -214,12 +256,41 @@ def test_models_command_shows_the_demo_note() -> None:
 
 
 @pytest.mark.slow
+def test_card_note_quotes_the_evaluation_script() -> None:
+    """The numbers in the card's note are scripts/evaluate_demo.py's for the shipped model.
+
+    Slow: 13 views (1-3 min on 2 CPU cores). Same machine and torch build give the same
+    numbers; other CPUs may differ in the last bits, hence 0.01.
+    """
+    import torch
+
+    evaluate_demo = load_script("evaluate_demo")
+    card = get_model(DEMO)
+    quoted = re.search(r"this model: (liver [^;]*)", card.note)
+    assert quoted, card.note
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from unisegcli.weights.cache import find_model_files
+
+        scores = evaluate_demo.evaluate(find_model_files(card)["checkpoint"], seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    pattern = r"(\w+) (\d\.\d+) \((\d\.\d+)\)"
+    expected = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(pattern, quoted.group(1))}
+    measured = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(pattern, evaluate_demo.summary(scores))}
+    assert set(expected) == set(REFERENCE_LABELS) and set(measured) == set(expected)
+    for name in expected:
+        assert np.allclose(measured[name], expected[name], atol=0.01), (name, measured, expected)
+
+
+@pytest.mark.slow
 def test_retraining_reproduces_the_shipped_dice(tmp_path: Path) -> None:
     """scripts/train_demo.py with its defaults gives the shipped model's Dice within 0.02.
 
-    Slow: the whole training (1500 steps, 15-25 min on 2 CPU cores), so `make test` and CI
+    Slow: the whole training (1800 steps, 25-50 min on one CPU core), so `make test` and CI
     exclude it; run it with `.venv/bin/pytest -m slow tests/test_demo.py`. The same CPU type,
-    thread count (2) and torch build give identical bytes; other CPUs may differ in the last
+    thread count (1) and torch build give identical bytes; other CPUs may differ in the last
     bits and then train a slightly different network, hence the Dice tolerance.
     """
     import torch
@@ -230,7 +301,7 @@ def test_retraining_reproduces_the_shipped_dice(tmp_path: Path) -> None:
     from unisegcli.models.uniseg import load_uniseg
 
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--out", str(tmp_path), "--threads", "2"],
+        [sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--out", str(tmp_path), "--threads", "1"],
         capture_output=True, text=True, timeout=3600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
