@@ -211,7 +211,8 @@ def test_a_batch_merges_files_statistics_labels_and_compare_per_model(tmp_path: 
     assert two_nets == {"uniseg": 1, DEMO: 1}  # each model loaded once for the two cases
     events = events_of(result.stdout)
     started = next(e for e in events if e["event"] == "run_started")
-    assert (started["model"], started["version"]) == (f"uniseg,{DEMO}", "1.0,1.0")
+    versions = f"{get_model('uniseg').version},{get_model(DEMO).version}"  # each model's own, in --model order
+    assert (started["model"], started["version"]) == (f"uniseg,{DEMO}", versions)
     done = [e for e in events if e["event"] == "case_done"]
     assert len(done) == 2
     for event in done:
@@ -249,7 +250,8 @@ def test_a_batch_merges_files_statistics_labels_and_compare_per_model(tmp_path: 
     assert fragmented >= {("case00", "liver", "uniseg"), ("case00", "spleen", DEMO)}
     marker = json.loads((out / "case00" / ".uniseg-done.json").read_text())
     assert [(m["model"], m["version"], m["tasks"], m["written"]) for m in marker["options"]["models"]] == [
-        ("uniseg", "1.0", ["liver"], ["liver"]), (DEMO, "1.0", ["spleen", "liver"], ["spleen"])]
+        ("uniseg", get_model("uniseg").version, ["liver"], ["liver"]),
+        (DEMO, get_model(DEMO).version, ["spleen", "liver"], ["spleen"])]
     again = runner.invoke(app, args)
     assert [e["event"] for e in events_of(again.stdout)].count("case_skipped") == 2
     swapped = runner.invoke(app, [*args[:4], f"{DEMO},uniseg", *args[5:]])  # other order: other liver
