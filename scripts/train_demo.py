@@ -32,7 +32,8 @@ Reproducible: fixed seeds, ``torch.use_deterministic_algorithms(True)``, one thr
 and flush-to-zero for denormals. The same machine, thread count and torch build give the same
 tensors and metadata (two runs here: identical losses, tensors and metadata, yet different
 file bytes, so compare tensors, not sha256); other CPUs (vector width) may differ in the
-last bits, hence the Dice tolerance of the retraining test. ``--minutes`` stops early by wall clock and is therefore not reproducible.
+last bits, hence the Dice tolerance of the retraining test. ``--minutes`` stops early by wall
+clock and is therefore not reproducible.
 About 25 CPU minutes on one core (1,800 steps; 47 minutes of wall time on a busy shared
 machine).
 """
