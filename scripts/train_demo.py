@@ -30,8 +30,10 @@ reported in the scan's own grid.
 
 Reproducible: fixed seeds, ``torch.use_deterministic_algorithms(True)``, one thread by default
 and flush-to-zero for denormals. The same machine, thread count and torch build give the same
-bytes; other CPUs (vector width) may differ in the last bits, hence the Dice tolerance of the
-retraining test. ``--minutes`` stops early by wall clock and is therefore not reproducible.
+tensors and metadata (two runs here: identical losses, tensors and metadata, yet different
+file bytes, so compare tensors, not sha256); other CPUs (vector width) may differ in the
+last bits, hence the Dice tolerance of the retraining test. ``--minutes`` stops early by wall
+clock and is therefore not reproducible.
 About 25 CPU minutes on one core (1,800 steps; 47 minutes of wall time on a busy shared
 machine).
 """
@@ -262,7 +264,7 @@ def sha256_file(path: Path) -> str:
 def save_model(net: UniSegNet, out_dir: Path, metadata: dict[str, str]) -> Path:
     """Write ``model.safetensors`` + ``config.json`` as ``convert_checkpoint`` does.
 
-    Both files appear together or not at all. No time stamps: same weights, same bytes.
+    Both files appear together or not at all. No time stamps.
     """
     from safetensors.torch import save_file
 

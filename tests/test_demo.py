@@ -290,7 +290,7 @@ def test_retraining_reproduces_the_shipped_dice(tmp_path: Path) -> None:
 
     Slow: the whole training (1800 steps, 25-50 min on one CPU core), so `make test` and CI
     exclude it; run it with `.venv/bin/pytest -m slow tests/test_demo.py`. The same CPU type,
-    thread count (1) and torch build give identical bytes; other CPUs may differ in the last
+    thread count (1) and torch build give identical tensors; other CPUs may differ in the last
     bits and then train a slightly different network, hence the Dice tolerance.
     """
     import torch
