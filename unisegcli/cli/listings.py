@@ -186,7 +186,7 @@ def _all_cards() -> list[tuple["ModelCard", bool]]:
 
 
 MODEL_KEYS = ["model", "family", "version", "tasks", "license_id", "license", "description", "citation",
-              "note", "source", "imported"]
+              "note", "source", "imported", "evaluation"]
 
 
 def model_record(card: "ModelCard", imported: bool = False) -> dict[str, Any]:
@@ -195,19 +195,19 @@ def model_record(card: "ModelCard", imported: bool = False) -> dict[str, Any]:
         "model": card.name, "family": card.family, "version": card.version, "tasks": len(card.tasks),
         "license_id": license_id(card), "license": card.license, "description": card.description,
         "citation": card.citation, "note": (f"imported from {card.source}" if imported else card.note) or "",
-        "source": card.source or "", "imported": imported,
+        "source": card.source or "", "imported": imported, "evaluation": card.evaluation or "",
     }  # fmt: skip
 
 
 def _print_model(card: "ModelCard", imported: bool) -> None:
-    """One model in full: description, full license text, citation, notes, task names."""
+    """One model in full: description, full license text, citation, notes, evaluation, task names."""
     from rich.text import Text
 
     record = model_record(card, imported)
     record["tasks"] = ", ".join(t.name for t in card.tasks) or f"see `uniseg tasks --model {card.name}`"
     out = console.stdout()
     for key in ("model", "family", "version", "license_id", "license", "description", "citation", "note",
-                "source", "tasks"):
+                "evaluation", "source", "tasks"):
         if record[key]:
             out.print(Text.assemble((f"{key}: ", "bold"), str(record[key])), highlight=False)
 

@@ -84,7 +84,8 @@ class ModelCard:
     citation: str
     tasks: tuple[TaskCard, ...]
     files: tuple[FileCard, ...]
-    note: str | None = None
+    note: str | None = None  # what a user must know at every run (printed when a run starts)
+    evaluation: str | None = None  # how the model was measured (`uniseg models NAME`, not printed per run)
     network: Mapping[str, Any] | None = None
     source: str | None = None
     packaged: bool = False  # files ship inside the package (unisegcli/data/models/...)
@@ -250,6 +251,7 @@ def _model_card(name: str, entry: Any, task_sets: Mapping[str, Any], where: str)
         tasks=tasks,
         files=tuple(_file_card(f, f"{where}.files") for f in _require(entry, "files", list, where)),
         note=entry.get("note"),
+        evaluation=entry.get("evaluation"),
         network=entry.get("network"),
         source=entry.get("source"),
         packaged=bool(entry.get("packaged", False)),
