@@ -35,8 +35,9 @@ test: venv
 test-container: venv
 	$(PY) -m pytest -s -m slow tests/test_container.py
 
-# Every benchmark in its default size (~25 min on 2 CPU cores); BENCH_ARGS="--device cuda"
-# on a GPU. Each prints its table and writes benchmarks/results/*.json (see RESULTS.md).
+# Every benchmark in its default size (about 75 min on 2 CPU cores, many_classes.py alone ~25);
+# BENCH_ARGS="--device cuda" on a GPU, where gpu.py runs too (it is skipped without CUDA).
+# Each prints its table, its headline last, and writes benchmarks/results/*.json (RESULTS.md).
 BENCH_ARGS ?=
 BENCH := OMP_WAIT_POLICY=PASSIVE $(PY)
 bench: venv
@@ -48,6 +49,9 @@ bench: venv
 	$(BENCH) benchmarks/many_classes.py
 	$(BENCH) benchmarks/workers.py
 	$(BENCH) benchmarks/cohort.py
+	$(BENCH) benchmarks/several_models.py
+	if $(BENCH) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; \
+	then $(BENCH) benchmarks/gpu.py --device cuda; else echo "gpu.py: skipped (no CUDA device)"; fi
 
 # The same comparisons at toy sizes (each under 3 minutes on 2 CPU cores); the last line of
 # each is its headline.
@@ -58,6 +62,9 @@ bench-small: venv
 	$(BENCH) benchmarks/multitask_scaling.py --small $(BENCH_ARGS)
 	$(BENCH) benchmarks/memory.py --small $(BENCH_ARGS)
 	$(BENCH) benchmarks/workers.py --small
+	$(BENCH) benchmarks/many_classes.py --small
+	$(BENCH) benchmarks/cohort.py --small
+	$(BENCH) benchmarks/several_models.py --small
 
 # One CUDA GPU, under 8 minutes: engine vs nnU-Net, batch sizes, accumulators, 7 CT tasks on a
 # 512x512x300 CT (benchmarks/gpu.py; results/gpu_cuda.json). Needs a CUDA build of torch.
