@@ -327,3 +327,26 @@ def test_the_one_call_api_takes_several_models_and_compare(tmp_path: Path, two_n
     assert result.exit_code == 0 and result.model.name == f"uniseg,{DEMO}"
     assert set(result.cases[0].compare) == {"liver"} and (tmp_path / "out" / "compare.json").exists()
     assert len((tmp_path / "out" / "compare.csv").read_text().splitlines()) == 2  # header and one row
+
+
+@pytest.mark.parametrize("multilabel", [True, False])
+def test_stats_reproduces_a_several_model_case(tmp_path: Path, two_nets, multilabel: bool) -> None:
+    """`uniseg stats` on a several-model output folder gives its statistics back byte for byte:
+    the model of each structure (and the run's order) come from the folder's labels.json; without
+    --multilabel there is no such record, so the numbers match but no structure names a model."""
+    scan = save_nifti(tmp_path / "ct.nii.gz", two_level_ct(), AFFINE)
+    out = tmp_path / "out"
+    args = [str(scan), "-o", str(out), "--model", f"uniseg,{DEMO}", "--tasks", f"spleen,{DEMO}:liver", "--quiet"]
+    assert runner.invoke(app, args + (["--multilabel"] if multilabel else [])).exit_code == 0
+    again = tmp_path / "again"
+    result = runner.invoke(app, ["stats", "--image", str(scan), str(out), "-o", str(again), "--channels", "ct", "--quiet"])
+    assert result.exit_code == 0, result.output
+    ours, theirs = (json.loads((folder / "statistics.json").read_text()) for folder in (out, again))
+    assert {s: v.get("model") for s, v in ours["structures"].items()} == {"spleen": "uniseg", "liver": DEMO}
+    if multilabel:
+        for name in ("statistics.json", "statistics.csv"):
+            assert (again / name).read_text() == (out / name).read_text(), name
+    else:
+        assert all("model" not in v for v in theirs["structures"].values())
+        assert {s: v["voxel_count"] for s, v in theirs["structures"].items()} == {
+            s: v["voxel_count"] for s, v in ours["structures"].items()}

@@ -92,10 +92,11 @@ def stats_command(
         from unisegcli.weights.resolver import get_model
 
         order, model_tasks, model_channels = _model_facts(get_model(model), list(found), scan.data.shape[0])
-        found = order_like(found, order)
+        found = order_like(found, list(dict.fromkeys([*found.run_order, *order])))  # a run's own order first
         task_of = {**model_tasks, **task_of}  # a label table's own tasks win over the registry's
     names = _channel_names(channels, model_channels, scan.data.shape[0])
-    statistics = case_statistics(scan, found, case_id=case_id, task_of=task_of, channel_names=names)
+    statistics = case_statistics(scan, found, case_id=case_id, task_of=task_of, channel_names=names,
+                                 model_of=dict(found.model_of) or None)
     json_path, _ = write_statistics(statistics, output)
     if cohort is not None:
         from unisegcli.io.nifti import check_output_dir

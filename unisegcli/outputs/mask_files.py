@@ -12,7 +12,8 @@ Accepted, in any mix (all on the scan's voxel grid — same shape and affine):
   3. ``labels.json`` beside a file named ``segmentation.nii.gz`` (our ``--multilabel``);
   every label of the table is a structure, labels absent from the map are empty;
 - a folder: its .nii/.nii.gz files as above. In our own output folder the per-structure
-  masks are used and ``segmentation.nii.gz`` skipped (it loses overlaps).
+  masks are used and ``segmentation.nii.gz`` skipped (it loses overlaps); its ``labels.json``
+  still gives each structure's task, model (several-model runs) and the run's order.
 
 The masks are read one at a time when statistics ask for them (``MaskFiles`` is a lazy
 mapping), so a case with 100+ structures never holds them all in memory.
@@ -53,6 +54,8 @@ class MaskFiles(Mapping):
     scan: "Scan"
     sources: dict[str, _Source] = field(default_factory=dict)
     task_of: dict[str, str] = field(default_factory=dict)
+    model_of: dict[str, str] = field(default_factory=dict)  # several-model runs: structure -> model
+    run_order: list[str] = field(default_factory=list)  # structures in the order our labels.json lists them
     _cached: tuple[Path, np.ndarray] | None = None  # the last label map read
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -103,8 +106,17 @@ def check_grid(path: Path, scan: "Scan") -> "nib.Nifti1Image":
     return image
 
 
-def read_label_json(path: Path) -> tuple[dict[int, str], dict[str, str]]:
-    """({label: structure}, {structure: task}) from a labels JSON (see module docstring)."""
+@dataclass(frozen=True)
+class LabelTable:
+    """A label map's names: {label: structure}, and where known {structure: task / model}."""
+
+    names: dict[int, str]
+    tasks: dict[str, str] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+
+
+def read_label_json(path: Path) -> LabelTable:
+    """The label table of a labels JSON (see module docstring)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -112,11 +124,14 @@ def read_label_json(path: Path) -> tuple[dict[int, str], dict[str, str]]:
     table = data.get("labels", data) if isinstance(data, dict) else None
     names: dict[int, str] = {}
     tasks: dict[str, str] = {}
+    models: dict[str, str] = {}
     for key, value in (table or {}).items():
         if isinstance(value, dict) and str(key).isdigit() and "name" in value:  # ours
             names[int(key)] = str(value["name"])
             if value.get("task"):
                 tasks[str(value["name"])] = str(value["task"])
+            if value.get("model"):
+                models[str(value["name"])] = str(value["model"])
         elif isinstance(value, str) and str(key).strip().isdigit():  # {"1": "liver"}
             names[int(key)] = value
         elif isinstance(value, int) and not isinstance(value, bool) and not str(key).isdigit():  # nnU-Net
@@ -127,7 +142,7 @@ def read_label_json(path: Path) -> tuple[dict[int, str], dict[str, str]]:
             f"'{path}' holds no label table; expected {{\"1\": \"liver\", ...}}, our labels.json or an "
             "nnU-Net dataset.json ({\"labels\": {\"background\": 0, \"liver\": 1}})."
         )
-    return names, tasks
+    return LabelTable(names, tasks, models)
 
 
 def embedded_labels(image: "nib.Nifti1Image") -> dict[int, str] | None:
@@ -160,12 +175,12 @@ def _nifti_files(folder: Path) -> list[Path]:
     return files
 
 
-def _label_table(path: Path, image: "nib.Nifti1Image", labels_json: Path | None) -> tuple[dict[int, str], dict[str, str]] | None:
+def _label_table(path: Path, image: "nib.Nifti1Image", labels_json: Path | None) -> LabelTable | None:
     if labels_json is not None:
         return read_label_json(labels_json)
     embedded = embedded_labels(image)
     if embedded:
-        return embedded, {}
+        return LabelTable(embedded)
     if path.name == OUR_MULTILABEL and (path.parent / OUR_LABELS).is_file():
         return read_label_json(path.parent / OUR_LABELS)
     return None
@@ -208,11 +223,29 @@ def collect_mask_files(scan: "Scan", inputs: Sequence[Path], labels_json: Path |
         if table is None:
             _add(masks, case_id(path), _Source(path))
             continue
-        names, tasks = table
-        for label in sorted(names):
-            _add(masks, names[label], _Source(path, label))
-        masks.task_of.update(tasks)
+        for label in sorted(table.names):
+            _add(masks, table.names[label], _Source(path, label))
+        masks.task_of.update(table.tasks)
+        masks.model_of.update(table.models)
+    for folder in dict.fromkeys(Path(p) for p in inputs if Path(p).is_dir()):
+        _take_run_facts(masks, folder)
     return masks
+
+
+def _take_run_facts(masks: MaskFiles, folder: Path) -> None:
+    """Tasks, models and order from our ``labels.json`` in ``folder`` (written with
+    --multilabel) for the structures found there; a table that cannot be read adds nothing."""
+    if not (folder / OUR_LABELS).is_file():
+        return
+    try:
+        table = read_label_json(folder / OUR_LABELS)
+    except InputError:
+        return
+    known = [name for _, name in sorted(table.names.items()) if name in masks.sources]
+    masks.task_of.update({n: table.tasks[n] for n in known if n in table.tasks})
+    masks.model_of.update({n: table.models[n] for n in known if n in table.models})
+    masks.run_order += [n for n in known if n not in masks.run_order]
+    masks.sources = order_like(masks, masks.run_order).sources
 
 
 def check_binary(path: Path, volume: np.ndarray) -> None:
@@ -230,4 +263,5 @@ def order_like(masks: MaskFiles, order: Sequence[str]) -> MaskFiles:
     """The same masks with the structures named in ``order`` first, in that order."""
     rank = {name: i for i, name in enumerate(order)}
     names = sorted(masks.sources, key=lambda n: (rank.get(n, len(rank)), list(masks.sources).index(n)))
-    return MaskFiles(masks.scan, {n: masks.sources[n] for n in names}, dict(masks.task_of))
+    return MaskFiles(masks.scan, {n: masks.sources[n] for n in names}, dict(masks.task_of), dict(masks.model_of),
+                     list(masks.run_order))
