@@ -318,6 +318,30 @@ def test_rtstruct_contours_follow_the_mask(tmp_path: Path, ct_nifti: Path) -> No
     assert slice_ids <= {d.SOPInstanceUID for d in source.datasets}
 
 
+@pytest.mark.parametrize("output_type", ["dicom-seg", "rtstruct"])
+def test_dicom_outputs_name_the_model_of_each_structure(tmp_path: Path, ct_nifti: Path, output_type: str) -> None:
+    """Several-model runs: each segment (SEG algorithm parameter) or ROI (description) names
+    the model it came from; a one-model run writes no model."""
+    if output_type == "rtstruct":
+        pytest.importorskip("skimage")
+    write_series(tmp_path / "series", ct_nifti)
+    scan, source = read_dicom(tmp_path / "series")
+    masks = _organ_masks(scan)
+    model_of = {"liver": "uniseg", "liver_tumor": "uniseg", "spleen": "totalsegmentator"}
+    named: dict[str, list[str | None]] = {}
+    for folder, models in (("several", model_of), ("one", None)):
+        out = write_case_outputs(scan, masks, tmp_path / folder, OutputOptions(output_type=output_type),
+                                 task_of={n: "liver" for n in masks}, dicom_source=source, model_of=models)
+        ds = pydicom.dcmread(out.dicom)
+        if output_type == "rtstruct":
+            named[folder] = [r.get("ROIDescription") for r in ds.StructureSetROISequence]
+        else:
+            algorithms = [s.SegmentationAlgorithmIdentificationSequence[0] for s in ds.SegmentSequence]
+            named[folder] = [a.AlgorithmParameters if "AlgorithmParameters" in a else None for a in algorithms]
+    assert named["one"] == [None, None, None]
+    assert [m is not None and model_of[n] in m for n, m in zip(masks, named["several"])] == [True] * 3
+
+
 def test_dicom_outputs_need_a_dicom_input(tmp_path: Path, ct_nifti: Path) -> None:
     scan = read_scan(ct_nifti)
     with pytest.raises(UsageError, match="needs a DICOM input"):

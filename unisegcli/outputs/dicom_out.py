@@ -133,8 +133,11 @@ def dicom_seg_dataset(
     *,
     colors: Mapping[str, Sequence[int]] | None = None,
     series_description: str = "uniseg segmentation",
+    model_of: Mapping[str, str] | None = None,
 ) -> "Dataset":
-    """A DICOM SEG (highdicom Segmentation) with one segment per structure, in masks' order."""
+    """A DICOM SEG (highdicom Segmentation) with one segment per structure, in masks' order.
+    model_of: structure -> model (several-model runs): each segment's algorithm identification
+    names its model as the parameter "model"."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -145,9 +148,12 @@ def dicom_seg_dataset(
     if not names:
         raise UsageError("no structures to write into the DICOM SEG; expected at least one.")
     pixel_array = _seg_pixels(np.stack([_frames(masks_zyx[n], scan) for n in names], axis=-1), scan, source)
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="uniseg", version=__version__, family=codes.DCM.ArtificialIntelligence
-    )
+    def algorithm(name: str) -> "hd.AlgorithmIdentificationSequence":
+        model = (model_of or {}).get(name)
+        return hd.AlgorithmIdentificationSequence(name="uniseg", version=__version__,
+                                                  family=codes.DCM.ArtificialIntelligence,
+                                                  parameters={"model": model} if model else None)
+
     descriptions = []
     for number, name in enumerate(names, start=1):
         category, kind = _property_codes(name)
@@ -159,7 +165,7 @@ def dicom_seg_dataset(
                 segmented_property_category=category,
                 segmented_property_type=kind,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
+                algorithm_identification=algorithm(name),
                 display_color=hd.color.CIELabColor.from_rgb(*color) if color else None,
             )
         )
@@ -252,8 +258,10 @@ def rtstruct_dataset(
     *,
     colors: Mapping[str, Sequence[int]] | None = None,
     series_description: str = "uniseg structures",
+    model_of: Mapping[str, str] | None = None,
 ) -> "Dataset":
-    """An RT Structure Set with one ROI per structure (masks' order), contours per slice."""
+    """An RT Structure Set with one ROI per structure (masks' order), contours per slice.
+    model_of: structure -> model (several-model runs), written as each ROI's description."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -311,6 +319,8 @@ def rtstruct_dataset(
         roi.ReferencedFrameOfReferenceUID = frame_ref.FrameOfReferenceUID
         roi.ROIName = name[:64]
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        if (model_of or {}).get(name):
+            roi.ROIDescription = f"uniseg model {model_of[name]}"[:64]  # type: ignore[index]
         rois.append(roi)
         item = Dataset()
         item.ReferencedROINumber = number

@@ -196,16 +196,17 @@ def check_inputs_spared(folder: Path, names: Sequence[str], inputs: Sequence[Pat
 
 
 def _dicom_dataset(output_type: str, masks: Mapping[str, np.ndarray], scan: Scan,
-                   source: "DicomSource | None", colors: Mapping[str, tuple[int, int, int]]) -> Any:
+                   source: "DicomSource | None", colors: Mapping[str, tuple[int, int, int]],
+                   model_of: Mapping[str, str] | None = None) -> Any:
     """The DICOM SEG / RTSTRUCT dataset of the masks, or None for NIfTI outputs."""
     if output_type == "dicom-seg":
         from unisegcli.outputs.dicom_out import dicom_seg_dataset
 
-        return dicom_seg_dataset(masks, scan, source, colors=colors)  # type: ignore[arg-type]
+        return dicom_seg_dataset(masks, scan, source, colors=colors, model_of=model_of)  # type: ignore[arg-type]
     if output_type == "rtstruct":
         from unisegcli.outputs.dicom_out import rtstruct_dataset
 
-        return rtstruct_dataset(masks, scan, source, colors=colors)  # type: ignore[arg-type]
+        return rtstruct_dataset(masks, scan, source, colors=colors, model_of=model_of)  # type: ignore[arg-type]
     return None
 
 
@@ -284,7 +285,7 @@ def write_case_outputs(
     from unisegcli.outputs.preview import render_preview, structure_colors
 
     colors = structure_colors(list(masks))
-    dicom_dataset = _dicom_dataset(options.output_type, masks, scan, dicom_source, colors)
+    dicom_dataset = _dicom_dataset(options.output_type, masks, scan, dicom_source, colors, model_of)
     preview = render_preview(scan.data, masks, scan.spacing_mm, modality=modality) if options.preview else None
     multilabel = None
     if "multilabel" in names:
