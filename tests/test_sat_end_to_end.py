@@ -222,3 +222,32 @@ def test_sat_runs_with_upstreams_windows_and_gaussian_unless_told_otherwise(tiny
     assert groups == [2, 1]
     with pytest.raises(UsageError, match="placement"):
         Segmenter(tiny_sat, "liver", device="cpu", options={"placement": "even"})
+
+
+def test_sat_batch_is_the_same_staged_or_not(tiny_sat, tmp_path, monkeypatch, single_thread):
+    """SAT runs in stages too: a batch through the staged pipeline writes the same masks as the
+    same cases one after the other, and warnings (the guessed modality) still reach the events."""
+    import nibabel as nib
+
+    from unisegcli.session import Segmenter
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(3):
+        organ = (slice(7 + k, 24 + k), slice(19, 35), slice(2, 9))
+        save_nifti(inputs / f"case{k}.nii.gz", body_ct(organ=organ), make_affine("oblique"))
+    masks = {}
+    for staged in (True, False):
+        monkeypatch.setattr(Segmenter, "staged", property(lambda self, on=staged: on and self.family.staged))
+        recorder = Warnings()
+        with Segmenter(tiny_sat, "liver,Kidney_Left", device="cpu", events=recorder.events) as seg:
+            assert seg.family.staged
+            result = seg.run(inputs, tmp_path / f"out-{staged}")
+        assert len(result.cases) == 3 and not result.failures
+        assert sum("guessed 'ct'" in m for m in recorder.events.messages) == 3
+        masks[staged] = {(c.case_id, s): np.asarray(nib.load(str(p)).dataobj)
+                         for c in result.cases for s, p in c.masks.items()}
+    assert sorted(masks[True]) == sorted(masks[False]) and len(masks[True]) == 6
+    assert all(m.any() for m in masks[True].values())  # not a comparison of empty masks
+    for key, mask in masks[True].items():
+        np.testing.assert_array_equal(mask, masks[False][key], err_msg=str(key))

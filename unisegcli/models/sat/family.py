@@ -5,7 +5,8 @@
   ``text:<prompt>`` asks for free text (needs the text encoder).
 * ``needed_roles``: with a prepared embedding table and only vocabulary prompts, the run
   needs the segmentation checkpoint alone (no text encoder, no transformers).
-* ``predict``: modality from --modality (else guessed from the intensities, with a warning),
+* ``predict`` (in stages: ``prepare_case``, ``infer_case``, ``finish_case``, which a batch
+  overlaps across cases): modality from --modality (else guessed from the intensities, with a warning),
   SAT's preprocessing (``pipeline``), our sliding-window engine with SAT's conventions
   (window 288 x 288 x 96 in (x, y, z), SAT's window positions and float16 Gaussian from
   ``placement``, prompt groups from ``grouping``, sigmoid), and each structure's
@@ -18,6 +19,7 @@ The family option ``placement="nnunet"`` selects nnU-Net's evenly spread windows
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -211,41 +213,76 @@ class WindowPredictor:
         return self.net.segmenter(self.groups, x.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
 
 
-def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
-            device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
-    """{task name: uint8 [Z, Y, X] 0/1 map} in the scan's (RAS) grid; see the module docstring."""
-    import torch
+@dataclass
+class PreparedSat:
+    """One case ready for SAT's network: its preprocessed volume and the prompts' queries."""
 
-    from unisegcli.inference.engine import sliding_window
+    tasks: list["TaskCard"]
+    prep: Any  # models.sat.pipeline.Prepared: volume [1, z, y, x] and what restore_mask undoes
+    queries: "torch.Tensor"  # [N, d] query embeddings, in task order, on the CPU
+
+
+def prepare_case(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
+                 device: "torch.device", warn: Any = None) -> PreparedSat:
+    """CPU stage: modality, the prompts' queries and SAT's preprocessing (``pipeline.prepare``)."""
     from unisegcli.inference.tiling import window_slices
     from unisegcli.io.cases import task_channels
-    from unisegcli.models.sat.grouping import split_queries
-    from unisegcli.models.sat.pipeline import prepare, restore_mask
-    from unisegcli.models.sat.placement import blending_weights, placement_named
+    from unisegcli.models.sat.pipeline import prepare as preprocess
+    from unisegcli.models.sat.placement import placement_named
 
     image = task_channels(loaded, tasks[0])
     modality = run_modality(loaded, image, settings, warn)
     queries = queries_for(net, tasks, modality, getattr(net, "model_name", "sat-nano"))
-    prep = prepare(image, loaded.scan.spacing_mm, modality)
+    prep = preprocess(image, loaded.scan.spacing_mm, modality)
     patch = tuple(reversed(net.config.window))  # (z, y, x)
-    placement = placement_named(settings.option("placement"))
     padded = [max(s, p) for s, p in zip(prep.volume.shape[1:], patch)]
+    placement = placement_named(settings.option("placement"))
     n_windows = len(window_slices(padded, patch, settings.step_or_default, placement))
     message = cpu_warning(device, net.config.window, n_windows, len(tasks))
     if message and warn is not None:
         warn(loaded.case.case_id, message)
+    return PreparedSat(list(tasks), prep, queries)
+
+
+def infer_case(prepared: PreparedSat, net: Any, *, settings: RunSettings, device: "torch.device",
+               progress: Any = None) -> "torch.Tensor":
+    """Network stage: SAT's sliding window -> [N, z, y, x] probabilities on the crop box."""
+    import torch
+
+    from unisegcli.inference.engine import sliding_window
+    from unisegcli.models.sat.grouping import split_queries
+    from unisegcli.models.sat.placement import blending_weights, placement_named
+
+    patch = tuple(reversed(net.config.window))  # (z, y, x)
     net.segmenter.to(device)
     max_q = int(getattr(net, "max_queries", DEFAULT_MAX_QUERIES))
-    groups = [g.to(device) for g in split_queries(queries, max_q)]
-    volume = torch.from_numpy(prep.volume).to(device)
+    groups = [g.to(device) for g in split_queries(prepared.queries, max_q)]
+    volume = torch.from_numpy(prepared.prep.volume).to(device)
     with torch.inference_mode():
-        probabilities = sliding_window(
+        return sliding_window(
             volume, WindowPredictor(net, groups), patch, step=settings.step_or_default,
             batch_size=settings.batch_size, tta=settings.tta, precision=settings.precision, activation="sigmoid",
             gaussian=blending_weights(patch) if settings.option("gaussian") else False, progress=progress,
-            accumulator_device=settings.accumulator_device, placement=placement,
+            accumulator_device=settings.accumulator_device, placement=placement_named(settings.option("placement")),
         )[0]
-        return {task.name: restore_mask(probabilities[i], prep) for i, task in enumerate(tasks)}
+
+
+def finish_case(prepared: PreparedSat, raw: "torch.Tensor") -> dict[str, np.ndarray]:
+    """Restore stage: {task name: uint8 [Z, Y, X] 0/1 map} in the scan's (RAS) grid."""
+    import torch
+
+    from unisegcli.models.sat.pipeline import restore_mask
+
+    with torch.inference_mode():  # raw is an inference tensor
+        return {task.name: restore_mask(raw[i], prepared.prep) for i, task in enumerate(prepared.tasks)}
+
+
+def predict(loaded: "LoadedCase", tasks: Sequence["TaskCard"], net: Any, *, settings: RunSettings,
+            device: "torch.device", progress: Any = None, warn: Any = None) -> dict[str, np.ndarray]:
+    """{task name: uint8 [Z, Y, X] 0/1 map} in the scan's (RAS) grid; see the module docstring
+    (the three stages in turn)."""
+    prepared = prepare_case(loaded, tasks, net, settings=settings, device=device, warn=warn)
+    return finish_case(prepared, infer_case(prepared, net, settings=settings, device=device, progress=progress))
 
 
 def prepare(card: "ModelCard", *, offline: bool = False, download_progress: Any = None,
@@ -283,6 +320,9 @@ class SatFamily(ModelFamily):
 
     load = staticmethod(load)  # type: ignore[assignment]
     predict = staticmethod(predict)  # type: ignore[assignment]
+    prepare_case = staticmethod(prepare_case)  # type: ignore[assignment]
+    infer_case = staticmethod(infer_case)  # type: ignore[assignment]
+    finish_case = staticmethod(finish_case)  # type: ignore[assignment]
     resolve_tasks = staticmethod(resolve_tasks)  # type: ignore[assignment]
     task_table = staticmethod(task_table)  # type: ignore[assignment]
     needed_roles = staticmethod(needed_roles)  # type: ignore[assignment]
