@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
-from unisegcli.casework import Planned, one_case, record_failure
+from unisegcli.casework import Planned, one_case, read_checked, record_failure
 from unisegcli.errors import InputNotFoundError, UnisegError
-from unisegcli.io.cases import LoadedCase, dicom_channels, read_case, task_channels
+from unisegcli.io.cases import LoadedCase, task_channels
 from unisegcli.io.discovery import CaseInput, discover
 from unisegcli.io.nifti import check_output_dir
 from unisegcli.io.sharding import parse_shard, select_shard
 from unisegcli.outputs import markers
-from unisegcli.outputs.dicom_out import check_dicom_output
 from unisegcli.results import Result
 
 if TYPE_CHECKING:
@@ -62,8 +61,7 @@ def run_batch(segmenter: "Segmenter", request: BatchRequest) -> Result:
     todo, blocked = _plan(segmenter, request, cases, all_cases=all_cases, single=single, result=result)
     first: LoadedCase | None = None
     if todo and single:  # read (and check the channels of) a single case before the weights load
-        first = read_case(todo[0].case, request.series_uid, dicom_channels(segmenter.tasks))
-        check_dicom_output(segmenter.outputs.output_type, first.dicom)  # before the weights load
+        first = read_checked(segmenter, todo[0].case, request.series_uid)  # before the weights load
         for task in segmenter.tasks:
             task_channels(first, task)
     parallel = bool(request.workers) and len(todo) > 1
@@ -140,11 +138,7 @@ def _run_cases(segmenter: "Segmenter", todo: Sequence[Planned], first: LoadedCas
     events = segmenter.events
 
     def load(case: CaseInput) -> LoadedCase:
-        if first is not None and first.case == case:
-            return first
-        loaded = read_case(case, series_uid, dicom_channels(segmenter.tasks))
-        check_dicom_output(segmenter.outputs.output_type, loaded.dicom)  # before any work on the case
-        return loaded
+        return first if first is not None and first.case == case else read_checked(segmenter, case, series_uid)
 
     if cohort_folder is not None and len(todo) > 1 and getattr(segmenter, "staged", False):
         from unisegcli.staged_batch import StagedBatch

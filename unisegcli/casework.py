@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from unisegcli.errors import OutputError, UnisegError
 from unisegcli.io.atomic import remove_stale_staged_files
-from unisegcli.io.cases import LoadedCase
+from unisegcli.io.cases import LoadedCase, dicom_channels, read_case
 from unisegcli.io.discovery import CaseInput
 from unisegcli.outputs import markers
 from unisegcli.outputs.dicom_out import check_dicom_output
@@ -30,12 +30,19 @@ class Planned:
     record: dict[str, Any]
 
 
+def read_checked(segmenter: "Segmenter", case: CaseInput, series_uid: str | None) -> LoadedCase:
+    """Read a case for this Segmenter (the DICOM series its tasks' channels need) and check,
+    before any work on it, that its outputs can be written (SEG/RTSTRUCT need the source's UIDs)."""
+    loaded = read_case(case, series_uid, dicom_channels(segmenter.tasks))
+    check_dicom_output(segmenter.outputs.output_type, loaded.dicom)
+    return loaded
+
+
 def one_case(segmenter: "Segmenter", loaded: LoadedCase, planned: Planned,
              cohort_folder: Path | None) -> CaseResult:
     """Predict and write one case (all-or-nothing), then mark it done (``begin_case``, the
     Segmenter's ``segment_case``, ``write_case``)."""
     started = time.perf_counter()
-    check_dicom_output(segmenter.outputs.output_type, loaded.dicom)  # before any work on the case
     previous = begin_case(segmenter, planned)
     segmentation = segmenter.segment_case(loaded)
     return write_case(segmentation, planned, previous, cohort_folder, started=started)

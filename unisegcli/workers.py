@@ -113,7 +113,6 @@ def worker_main(config: "SessionConfig", spec: WorkerSpec, inbox: Any, results: 
     """A worker process: build the Segmenter once, then segment each case sent to ``inbox``
     until it receives None. Reports every step to ``results`` (its own pipe to the parent)."""
     import unisegcli.casework as casework
-    from unisegcli.io.cases import dicom_channels, read_case
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -129,7 +128,8 @@ def worker_main(config: "SessionConfig", spec: WorkerSpec, inbox: Any, results: 
         while (planned := inbox.get()) is not None:
             results.send(("started", spec.name, planned.case.case_id))
             try:
-                done = casework.one_case(segmenter, read_case(planned.case, series_uid, dicom_channels(segmenter.tasks)), planned, cohort_folder)
+                loaded = casework.read_checked(segmenter, planned.case, series_uid)
+                done = casework.one_case(segmenter, loaded, planned, cohort_folder)
             except UnisegError as exc:
                 results.send(("failed", spec.name, planned.case.case_id, type(exc).__name__, str(exc),
                               int(exc.exit_code)))
